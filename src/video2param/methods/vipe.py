@@ -1,0 +1,224 @@
+"""ViPE: the video as low-rank perceptual weights inside the LLM (papers/vipe.md §3).
+
+Visual Injection Module: N = rank learnable perceptual queries pass through pre-norm residual blocks of
+self-attention, cross-attention to the video features, and FFN. Hierarchical Context Merging (HCM): before each
+block's cross-attention, the visual tokens most similar to some query (r_j = max_i cos(Q_i, V_j)) are dropped, so
+later blocks look at what the queries have not absorbed yet; the dropped tokens stay dropped for the later blocks.
+Perceptual weights: for every injected layer and role, a projection Dv → d_in turns the N queries into
+W_v (d_in × r) (our A = W_vᵀ, per video); W_l (r × d_out) is a learned, zero-initialised static matrix shared by all
+videos (our B = W_lᵀ); the delta W_v W_l is scaled by alpha / r. Zero W_l makes a fresh adapter the identity.
+Temporal and spatial sinusoidal positions (plus a learned per-frame embedding) are added to the video features so
+the queries can tell frame order and where things are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LLMInfo, LowRank, TextInputs, VideoMethod, WeightContext, register_method
+
+
+@dataclass
+class VipeOptions:
+    hidden_dim: int = field(default=512, metadata={"help": "Width Dv of the injection module (paper: 512)."})
+    depth: int = field(default=3, metadata={"help": "Number of injection blocks (self-attn, cross-attn, FFN)."})
+    num_heads: int = field(default=8, metadata={"help": "Attention heads in the injection blocks."})
+    keep_ratios: list[float] | None = field(
+        default=None,
+        metadata={"help": "HCM: fraction of the remaining visual tokens each block keeps (one per block). Default "
+                          "1.0 for the first block then dropping so the last block sees 60% of the tokens (the "
+                          "paper's stable setting)."},
+    )
+    merge: bool = field(default=True, metadata={"help": "HCM on/off. Off: every block attends to every token."})
+    ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in the injection blocks."})
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_dim", "depth", "num_heads", "ffn_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"options.{name}: expected an integer >= 1, got {value!r}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"options.num_heads: {self.num_heads} does not divide hidden_dim {self.hidden_dim}")
+        if self.keep_ratios is None:
+            self.keep_ratios = default_keep_ratios(self.depth)
+        self.keep_ratios = [float(r) for r in self.keep_ratios]
+        if len(self.keep_ratios) != self.depth:
+            raise ValueError(f"options.keep_ratios: {len(self.keep_ratios)} ratios for depth {self.depth}")
+        if any(not 0.0 < r <= 1.0 for r in self.keep_ratios):
+            raise ValueError(f"options.keep_ratios: each ratio must be in (0, 1], got {self.keep_ratios}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"options.dropout: expected a value in [0, 1), got {self.dropout!r}")
+
+
+def default_keep_ratios(depth: int, final: float = 0.6) -> list[float]:
+    """First block sees everything; the others drop evenly so the last keeps ``final`` of the tokens."""
+    if depth == 1:
+        return [1.0]
+    step = final ** (1.0 / (depth - 1))
+    return [1.0] + [round(step, 6)] * (depth - 1)
+
+
+def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sinusoidal embedding of integer positions: (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * freqs
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+def hierarchical_merge(queries: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None,
+                       keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the tokens already absorbed by the queries (HCM, papers/vipe.md eq. 9–10).
+
+    queries (B, N, D), tokens (B, M, D), token_mask (B, M) True = real. For each sample, r_j = max_i cos(Q_i, V_j)
+    over its real tokens; the ``round(n_real * (1 - keep_ratio))`` tokens of highest r_j are dropped. Returns the
+    kept tokens (B, M', D) in their original order, their mask (B, M') and their indices into ``tokens`` (B, M').
+    Padding is never kept as a real token.
+    """
+    b, m, _ = tokens.shape
+    if token_mask is None:
+        token_mask = torch.ones((b, m), dtype=torch.bool, device=tokens.device)
+    n_real = token_mask.sum(dim=1)
+    n_keep = torch.clamp(torch.round(n_real.float() * keep_ratio).long(), min=1)
+    n_keep = torch.minimum(n_keep, n_real)
+    with torch.no_grad():  # selection by index: the attention over the kept tokens carries the gradient
+        sim = F.normalize(queries.float(), dim=-1) @ F.normalize(tokens.float(), dim=-1).transpose(1, 2)
+        relevance = sim.max(dim=1).values  # (B, M)
+        # Ascending order: least-absorbed real tokens first, padding last.
+        relevance = relevance.masked_fill(~token_mask, float("inf"))
+        order = torch.argsort(relevance, dim=1, stable=True)
+        width = int(n_keep.max())
+        kept = order[:, :width]
+        kept_mask = torch.arange(width, device=tokens.device)[None, :] < n_keep[:, None]
+        # Restore temporal/spatial order among the kept tokens (padding slots sort to the end).
+        sort_key = kept.masked_fill(~kept_mask, m)
+        kept = kept.gather(1, torch.argsort(sort_key, dim=1))
+    kept_tokens = tokens.gather(1, kept[..., None].expand(-1, -1, tokens.shape[-1]))
+    return kept_tokens, kept_mask, kept
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class InjectionBlock(nn.Module):
+    """Pre-norm residual block: self-attention over the queries, cross-attention to the video, FFN."""
+
+    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, heads, dropout)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.norm_video = nn.LayerNorm(dim)
+        self.cross_attn = _Attention(dim, heads, dropout)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
+
+    def forward(self, queries: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm_self(queries)
+        queries = queries + self.self_attn(h, h)
+        queries = queries + self.cross_attn(self.norm_cross(queries), self.norm_video(video), video_mask)
+        return queries + self.ffn(self.norm_ffn(queries))
+
+
+@register_method
+class VipeMethod(VideoMethod):
+    """ViPE: perceptual queries → per-layer, per-role low-rank deltas (zero visual tokens at question time)."""
+
+    name = "vipe"
+    kind = "weights"
+    Options = VipeOptions
+
+    def __init__(self, config, llm: LLMInfo) -> None:
+        super().__init__(config, llm)
+        if not llm.sites:
+            raise ValueError("vipe: no target modules selected (check targets and inject_every/inject_layers)")
+        dv_in = config.vision_hidden_size
+        if dv_in is None:
+            raise ValueError("vision_hidden_size: unknown; pass a vision tower or set vision_hidden_size")
+        opt = self.options
+        dim, rank = opt.hidden_dim, config.rank
+        self.input_proj = nn.Sequential(nn.Linear(dv_in, dim), nn.LayerNorm(dim))
+        self.frame_embedding = nn.Embedding(config.num_frames, dim)
+        nn.init.normal_(self.frame_embedding.weight, std=0.02)
+        self.queries = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        self.blocks = nn.ModuleList(InjectionBlock(dim, opt.num_heads, opt.ffn_mult, opt.dropout) for _ in range(opt.depth))
+        self.final_norm = nn.LayerNorm(dim)
+        # Perceptual weight generators: one projection Dv → d_in per site (W_v), one zero W_l (r × d_out) per site.
+        self.to_A = nn.ModuleDict()
+        self.W_l = nn.ParameterDict()
+        for site, key in zip(llm.sites, llm.site_keys):
+            name = _param_name(key)
+            self.to_A[name] = nn.Linear(dim, site.in_features, bias=False)
+            # Queries leave a LayerNorm (entries ~1): this std makes x·Aᵀ of order 1, like a LoRA A at init.
+            nn.init.normal_(self.to_A[name].weight, std=1.0 / math.sqrt(dim * site.in_features))
+            self.W_l[name] = nn.Parameter(torch.zeros(rank, site.out_features))
+        self._keys = list(llm.site_keys)
+
+    def video_tokens(self, features: torch.Tensor, frame_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project features and add positions: (B, T·P, dim) and the token mask (B, T·P)."""
+        b, t, p, _ = features.shape
+        if t > self.config.num_frames:
+            raise ValueError(f"videos: {t} frames but the adapter was built for at most num_frames={self.config.num_frames}")
+        x = self.input_proj(features)
+        dim = x.shape[-1]
+        frames = torch.arange(t, device=x.device)
+        patches = torch.arange(p, device=x.device)
+        # Half the sinusoid channels encode time, the other half space; plus a learned per-frame vector.
+        pos = torch.cat([sinusoid(frames, dim // 2)[:, None, :].expand(t, p, -1),
+                         sinusoid(patches, dim - dim // 2)[None, :, :].expand(t, p, -1)], dim=-1)
+        x = x + pos.to(x.dtype) + self.frame_embedding.weight[:t, None, :].to(x.dtype)
+        mask = torch.ones((b, t), dtype=torch.bool, device=x.device) if frame_mask is None else frame_mask.bool()
+        return x.reshape(b, t * p, dim), mask[:, :, None].expand(b, t, p).reshape(b, t * p)
+
+    def perceptual_queries(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The Visual Injection Module: (B, T, P, Dv_in) → queries (B, r, dim)."""
+        tokens, mask = self.video_tokens(features, frame_mask)
+        q = self.queries[None].expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        for block, keep in zip(self.blocks, self.options.keep_ratios):
+            if self.options.merge and keep < 1.0:
+                tokens, mask, _ = hierarchical_merge(q, tokens, mask, keep)
+            q = block(q, tokens, mask)
+        return self.final_norm(q)
+
+    def encode(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
+               text: TextInputs | None = None) -> WeightContext:
+        q = self.perceptual_queries(features, frame_mask)
+        scale = self.config.scale
+        deltas = {}
+        for key in self._keys:
+            name = _param_name(key)
+            A = self.to_A[name](q)  # (B, r, d_in) = W_vᵀ per video
+            B = self.W_l[name].t()[None]  # (1, d_out, r) = W_lᵀ, shared
+            deltas[key] = LowRank(A, B, scale)
+        return WeightContext(deltas)
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        injection = [p for n, p in self.named_parameters() if not n.startswith(("to_A.", "W_l."))]
+        return {"injection": injection, "generators": list(self.to_A.parameters()), "static": list(self.W_l.parameters())}
+
+
+def _param_name(key: str) -> str:
+    # ModuleDict keys may not contain '.'; site keys are module paths.
+    return key.replace(".", "__").replace("#", "--")

@@ -1,0 +1,388 @@
+"""`VideoModel`: a HuggingFace causal LM with a video adapter attached, and `wrap_model` to build one.
+
+The LLM's own modeling code runs unchanged. A video enters either as spliced input embeddings (token methods)
+or as per-sample low-rank deltas on target modules (weight methods); see ``inject``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import targets as tg
+from .config import VideoAdapterConfig
+from .inject.lowrank import inject_lowrank, remove_lowrank, site_key, use_weight_context
+from .inject.tokens import ensure_video_token, splice_video_tokens
+from .methods.base import LLMInfo, TextInputs, TokenContext, VideoContext, WeightContext, get_method
+from .serialization import BaseModelFingerprint, check_state, read_adapter, save_adapter
+from .videos import VideoInputs, prepare_video_inputs
+
+Stage = Literal["pretrain", "sft", "frozen"]
+
+
+class VideoModel(nn.Module):
+    """A causal LM that understands video. Build it with ``wrap_model``.
+
+    ``forward``/``generate`` take the usual text inputs plus ``videos=`` (features (B,T,P,Dv), pixel frames with a
+    vision tower, file paths or clips) or a ready ``context=`` from ``encode_video``.
+    """
+
+    def __init__(self, llm: nn.Module, config: VideoAdapterConfig, *, vision: Any = None, tokenizer: Any = None,
+                 stage: Stage = "pretrain") -> None:
+        super().__init__()
+        if not hasattr(llm, "get_input_embeddings") or not hasattr(llm, "config"):
+            raise TypeError(f"wrap_model: expected a HuggingFace causal LM, got {type(llm).__name__}")
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.vision = _as_vision_encoder(vision)
+        config = _with_vision_width(config, self.vision)
+        self.config = config
+        method_cls = get_method(config.method)
+        n_layers = tg.num_layers(llm)
+        sites: list[tg.TargetSite] = []
+        if method_cls.kind == "weights":
+            layers = tg.injection_layers(n_layers, every=None if config.inject_layers else config.inject_every,
+                                         explicit=config.inject_layers)
+            sites = tg.find_targets(llm, roles=config.targets, layers=layers)
+        self.llm_info = LLMInfo(hidden_size=tg.hidden_size(llm), num_layers=n_layers, sites=sites,
+                                site_keys=[site_key(s) for s in sites],
+                                model_type=getattr(llm.config, "model_type", ""))
+        param = next(llm.parameters())
+        self.method = method_cls(config, self.llm_info).to(device=param.device)
+        self._wrappers = inject_lowrank(llm, sites) if sites else {}
+        self.video_token = config.video_token
+        self.video_token_id: int | None = (
+            ensure_video_token(tokenizer, config.video_token) if tokenizer is not None else None
+        )
+        self._merge_lock = threading.Lock()
+        self._unwrapped = False
+        self.set_stage(stage)
+
+    # ---- properties ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def method_kind(self) -> str:
+        return type(self.method).kind
+
+    @property
+    def fingerprint(self) -> BaseModelFingerprint:
+        cfg = self.llm.config
+        return BaseModelFingerprint(
+            model_type=str(getattr(cfg, "model_type", type(self.llm).__name__)),
+            hidden_size=self.llm_info.hidden_size,
+            num_layers=self.llm_info.num_layers,
+            vocab_size=int(self.llm.get_input_embeddings().weight.shape[0]),
+            name=getattr(cfg, "_name_or_path", None) or None,
+        )
+
+    # ---- training stages -------------------------------------------------------------------------------------
+    def set_stage(self, stage: Stage) -> None:
+        """Choose what trains: ``pretrain`` = the video method only, ``sft`` = method and LLM, ``frozen`` = nothing.
+
+        The vision tower always stays frozen.
+        """
+        if stage not in ("pretrain", "sft", "frozen"):
+            raise ValueError(f"stage: expected 'pretrain', 'sft' or 'frozen', got {stage!r}")
+        self.stage = stage
+        for p in self.llm.parameters():
+            p.requires_grad_(stage == "sft")
+        for p in self.method.parameters():
+            p.requires_grad_(stage != "frozen")
+        if self.vision is not None:
+            for p in self.vision.parameters():
+                p.requires_grad_(False)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, the vision tower included in the total."""
+        params = {id(p): p for p in self.parameters()}.values()
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        method = sum(p.numel() for p in self.method.parameters())
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+              f" || {self.config.method} params: {method:,} (stage={self.stage})")
+
+    # ---- video → context -------------------------------------------------------------------------------------
+    def prepare_videos(self, videos: Any, frame_mask: torch.Tensor | None = None) -> VideoInputs:
+        """Turn ``videos`` (features, pixels, paths, clips) into checked features (B,T,P,Dv) and a frame mask."""
+        inputs = prepare_video_inputs(videos, frame_mask, vision=self.vision,
+                                      feature_dim=self.config.vision_hidden_size)
+        dtype = next(self.method.parameters(), torch.empty(0)).dtype
+        return VideoInputs(inputs.features.to(device=self.device, dtype=dtype),
+                           None if inputs.frame_mask is None else inputs.frame_mask.to(self.device))
+
+    def encode_video(self, videos: Any, frame_mask: torch.Tensor | None = None, *,
+                     input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> VideoContext:
+        """Encode a batch of videos once into a reusable context (pass it as ``context=`` to forward/generate).
+
+        Methods that condition on the prompt (``uses_text``) need ``input_ids``.
+        """
+        self._check_alive()
+        inputs = self.prepare_videos(videos, frame_mask)
+        text = None
+        if type(self.method).uses_text:
+            if input_ids is None:
+                raise ValueError(f"method {self.config.method!r} conditions on the prompt: pass input_ids to encode_video")
+            text = TextInputs(input_ids, attention_mask, self.llm.get_input_embeddings()(input_ids))
+        context = self.method.encode(inputs.features, inputs.frame_mask, text)
+        expected = TokenContext if self.method_kind == "tokens" else WeightContext
+        if not isinstance(context, expected):
+            raise TypeError(f"method {self.config.method!r} returned {type(context).__name__}, expected {expected.__name__}")
+        return context
+
+    def _resolve_context(self, videos, frame_mask, context, input_ids, attention_mask) -> VideoContext | None:
+        if videos is not None and context is not None:
+            raise ValueError("pass either videos= or context=, not both")
+        if context is None and videos is not None:
+            context = self.encode_video(videos, frame_mask, input_ids=input_ids, attention_mask=attention_mask)
+        if context is None:
+            return None
+        expected = TokenContext if self.method_kind == "tokens" else WeightContext
+        if not isinstance(context, expected):
+            raise ValueError(
+                f"context: a {type(context).__name__} cannot drive a {self.config.method!r} adapter "
+                f"(expects {expected.__name__})"
+            )
+        batch = input_ids.shape[0] if input_ids is not None else None
+        if batch is not None and context.batch_size != batch:
+            if context.batch_size == 1:
+                context = context.select([0] * batch)
+            else:
+                raise ValueError(
+                    f"videos: {context.batch_size} video(s) for a text batch of {batch}; pass one video per prompt"
+                )
+        return context
+
+    # ---- forward / generate ----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                videos: Any = None, frame_mask: torch.Tensor | None = None, context: VideoContext | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any):
+        """Run the LLM on text plus (optionally) a video per prompt; returns the LLM's output (``.loss`` with labels)."""
+        self._check_alive()
+        if input_ids is None:
+            raise ValueError("input_ids: required (the prompt)")
+        context = self._resolve_context(videos, frame_mask, context, input_ids, attention_mask)
+        if context is None:
+            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if isinstance(context, TokenContext):
+            spliced = self._splice(input_ids, attention_mask, context, labels)
+            return self.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                            position_ids=_positions_from_mask(spliced.attention_mask), labels=spliced.labels, **kwargs)
+        with use_weight_context(context):
+            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, videos: Any = None,
+                 frame_mask: torch.Tensor | None = None, context: VideoContext | None = None, merge: bool = False,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """Generate answers. Returns (B, prompt length + new tokens): the prompt as given, then the new tokens.
+
+        The video context is computed once for the call and reused at every decoding step. ``merge=True`` (one
+        video, weight methods) folds the delta into the base weights for the call and restores them afterwards.
+        """
+        self._check_alive()
+        context = self._resolve_context(videos, frame_mask, context, input_ids, attention_mask)
+        if context is None:
+            return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        if isinstance(context, TokenContext):
+            if merge:
+                raise ValueError("merge=True applies to weight-space methods only")
+            spliced = self._splice(input_ids, attention_mask, context, None)
+            new = self.llm.generate(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                                    **generate_kwargs)
+            return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+        expand = _generation_expansion(self.llm, generate_kwargs)
+        if expand > 1:
+            context = context.select(torch.arange(context.batch_size).repeat_interleave(expand))
+        if merge:
+            if input_ids.shape[0] != 1:
+                raise ValueError("merge=True needs a batch of one prompt and one video")
+            with self.merged(context):
+                return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        with use_weight_context(context):
+            return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    @contextlib.contextmanager
+    def use(self, context: WeightContext) -> Iterator["VideoModel"]:
+        """Make ``context`` active for plain ``vm.llm(...)`` calls inside the block (weight methods)."""
+        if not isinstance(context, WeightContext):
+            raise ValueError("use(): needs a WeightContext (token methods pass context= to forward/generate)")
+        with use_weight_context(context):
+            yield self
+
+    @contextlib.contextmanager
+    def merged(self, context: WeightContext) -> Iterator["VideoModel"]:
+        """Fold one video's delta into the base weights inside the block; the weights are restored bit-exactly.
+
+        While merged, the model serves only this video: a call with another context raises. Merging is
+        exclusive (a lock), so two threads never merge at once.
+        """
+        self._check_alive()
+        if not isinstance(context, WeightContext) or context.batch_size != 1:
+            raise ValueError("merged(): needs a WeightContext of exactly one video")
+        with self._merge_lock:
+            merged = []
+            try:
+                for wrapper in self._wrappers.values():
+                    wrapper.merge(context)
+                    merged.append(wrapper)
+                with use_weight_context(context):
+                    yield self
+            finally:
+                for wrapper in merged:
+                    wrapper.unmerge()
+
+    def _splice(self, input_ids, attention_mask, context: TokenContext, labels):
+        video_token_id = self.video_token_id if self.video_token_id is not None else -1
+        bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+        if bos is None:
+            bos = getattr(self.llm.config, "bos_token_id", None)
+        return splice_video_tokens(input_ids, attention_mask, context, self.llm.get_input_embeddings(),
+                                   video_token_id, bos_token_id=bos, labels=labels)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """Remove the adapter and return the original LLM, its modules and weights bit-identical."""
+        self._check_alive()
+        remove_lowrank(self.llm, self._wrappers)
+        self._wrappers = {}
+        self._unwrapped = True
+        for p in self.llm.parameters():
+            p.requires_grad_(True)
+        return self.llm
+
+    def _check_alive(self) -> None:
+        if self._unwrapped:
+            raise RuntimeError("this VideoModel was unwrapped; wrap the LLM again to use a video adapter")
+
+    # ---- saving / loading ------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors (the LLM and the vision tower are not included)."""
+        return {k: v for k, v in self.method.state_dict().items()}
+
+    def save_pretrained(self, directory: str | Path, *, metrics: dict[str, float] | None = None) -> Path:
+        """Write the adapter (config JSON, safetensors, model card) atomically into ``directory``."""
+        from .hub import atomic_directory
+        from .model_card import render_model_card
+
+        with atomic_directory(directory) as tmp:
+            card = render_model_card(self, metrics=metrics)
+            save_adapter(Path(tmp), self.config, self.adapter_state_dict(), self.fingerprint, card,
+                         extra={"vision_tower": _vision_name(self.vision), "metrics": metrics or {}})
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, llm: nn.Module, directory_or_repo_id: str | Path, *, vision: Any = None,
+                        tokenizer: Any = None, revision: str | None = None, token: str | None = None,
+                        cache_dir: str | Path | None = None, stage: Stage = "frozen", **hub_kwargs: Any) -> "VideoModel":
+        """Wrap ``llm`` with a saved adapter from a local directory or a Hub repo id."""
+        from .hub import resolve_adapter_dir
+        from .serialization import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
+
+        directory = resolve_adapter_dir(directory_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                        required_files=(CONFIG_NAME, WEIGHTS_NAME), **hub_kwargs)
+        loaded = read_adapter(Path(directory))
+        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, stage=stage)
+        diffs = loaded.fingerprint.differences(model.fingerprint)
+        if diffs:
+            model.unwrap()
+            raise AdapterMismatchError(
+                f"adapter {directory_or_repo_id} was saved for another base model: " + "; ".join(diffs)
+            )
+        expected = model.adapter_state_dict()
+        try:
+            check_state(expected, loaded.state, str(directory_or_repo_id))
+        except AdapterMismatchError:
+            model.unwrap()
+            raise
+        model.method.load_state_dict(loaded.state, strict=True)
+        return model
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, commit_message: str | None = None,
+                    token: str | None = None, metrics: dict[str, float] | None = None, **hub_kwargs: Any) -> str:
+        """Save the adapter to a temporary directory and upload it to ``repo_id``; returns the commit reference."""
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "adapter", metrics=metrics)
+            return push_folder(folder, repo_id, private=private, token=token,
+                               commit_message=commit_message or f"Upload {self.config.method} video adapter",
+                               **hub_kwargs)
+
+
+def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *, method: str | None = None,
+               vision: Any = None, tokenizer: Any = None, stage: Stage = "pretrain", **options: Any) -> VideoModel:
+    """Attach a video adapter to any HuggingFace causal LM.
+
+    ``wrap_model(llm, VideoAdapterConfig(method="vipe"), vision=tower, tokenizer=tok)`` or the short form
+    ``wrap_model(llm, method="vipe", rank=32, num_queries=32)``: common config fields by name, anything else is a
+    method option.
+    """
+    if isinstance(config, str):
+        if method is not None and method != config:
+            raise ValueError(f"method given twice: {config!r} and {method!r}")
+        method, config = config, None
+    if config is None:
+        config = VideoAdapterConfig.split_kwargs(method or "llava", options)
+    elif method is not None or options:
+        raise ValueError("pass either a VideoAdapterConfig or method=/options, not both")
+    if not isinstance(config, VideoAdapterConfig):
+        raise TypeError(f"config: expected a VideoAdapterConfig, got {type(config).__name__}")
+    return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, stage=stage)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+def _as_vision_encoder(vision: Any):
+    if vision is None:
+        return None
+    from .video.encoder import VisionEncoder
+
+    return vision if isinstance(vision, VisionEncoder) else VisionEncoder(vision)
+
+
+def _with_vision_width(config: VideoAdapterConfig, vision) -> VideoAdapterConfig:
+    if vision is None:
+        return config
+    width = int(vision.hidden_size)
+    if config.vision_hidden_size is None:
+        data = config.to_dict()
+        data["vision_hidden_size"] = width
+        return VideoAdapterConfig.from_dict(data)
+    if config.vision_hidden_size != width:
+        raise ValueError(f"vision_hidden_size: config says {config.vision_hidden_size}, the vision tower gives {width}")
+    return config
+
+
+def _vision_name(vision) -> str | None:
+    if vision is None:
+        return None
+    return getattr(vision, "name", None) or getattr(getattr(vision, "tower", None), "name_or_path", None)
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Position ids that skip padding, as HF generate computes them (so forward and generate agree)."""
+    if bool(attention_mask.all()):
+        return None
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)
+
+
+def _generation_expansion(llm: nn.Module, kwargs: dict[str, Any]) -> int:
+    config = kwargs.get("generation_config") or getattr(llm, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+    returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
+    return int(beams) * int(returns)

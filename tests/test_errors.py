@@ -1,0 +1,97 @@
+"""Bad input gets a clear error, never a silent wrong answer."""
+
+import pytest
+import torch
+from conftest import DV, encode, random_features
+from tiny_models import make_tiny_lm
+
+from video2param import AdapterMismatchError, VideoAdapterConfig, VideoModel, wrap_model
+
+
+@pytest.fixture(params=["llava", "vipe"])
+def vm(request, llama, tokenizer):
+    opts = {"hidden_dim": 32, "num_heads": 4, "depth": 1} if request.param == "vipe" else {}
+    cfg = VideoAdapterConfig(method=request.param, vision_hidden_size=DV, num_frames=4, rank=4, inject_every=2,
+                             options=opts)
+    return wrap_model(llama, cfg, tokenizer=tokenizer)
+
+
+def test_feature_width_mismatch(vm, tokenizer):
+    ids, mask = encode(tokenizer, ["<video> what ?"])
+    with pytest.raises(ValueError, match="feature width 7 does not match the adapter's vision_hidden_size 16"):
+        vm(input_ids=ids, attention_mask=mask, videos=random_features(1, dim=7))
+
+
+def test_video_batch_differs_from_text_batch(vm, tokenizer):
+    ids, mask = encode(tokenizer, ["<video> a ?", "<video> b ?", "<video> c ?"])
+    with pytest.raises(ValueError, match=r"2 video\(s\) for a text batch of 3"):
+        vm(input_ids=ids, attention_mask=mask, videos=random_features(2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_features(vm, tokenizer, bad):
+    ids, mask = encode(tokenizer, ["<video> a ?", "<video> b ?"])
+    feats = random_features(2)
+    feats[1, 2, 0, 3] = bad
+    with pytest.raises(ValueError, match=r"video\(s\) \[1\] contain NaN or inf"):
+        vm(input_ids=ids, attention_mask=mask, videos=feats)
+
+
+def test_wrong_tensor_rank_and_pixels_without_tower(vm, tokenizer):
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    with pytest.raises(ValueError, match="expected features"):
+        vm(input_ids=ids, attention_mask=mask, videos=torch.randn(1, 4, DV))
+    with pytest.raises(ValueError, match="no vision tower"):
+        vm(input_ids=ids, attention_mask=mask, videos=torch.rand(1, 2, 3, 8, 8))
+
+
+def test_bad_frame_mask(vm, tokenizer):
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    with pytest.raises(ValueError, match="frame_mask: expected shape"):
+        vm(input_ids=ids, attention_mask=mask, videos=random_features(1), frame_mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no real frame"):
+        vm(input_ids=ids, attention_mask=mask, videos=random_features(1), frame_mask=torch.zeros(1, 4, dtype=torch.bool))
+
+
+def test_too_many_frames(vm, tokenizer):
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    with pytest.raises(ValueError, match="num_frames=4"):
+        vm(input_ids=ids, attention_mask=mask, videos=random_features(1, frames=6))
+
+
+def test_videos_and_context_together(vm, tokenizer):
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    ctx = vm.encode_video(random_features(1))
+    with pytest.raises(ValueError, match="either videos= or context="):
+        vm(input_ids=ids, attention_mask=mask, videos=random_features(1), context=ctx)
+
+
+def test_context_of_the_other_kind(llama, tokenizer):
+    token_vm = wrap_model(make_tiny_lm("llama", vocab_size=len(tokenizer) + 8), method="llava", vision_hidden_size=DV,
+                          num_frames=4, tokenizer=tokenizer)
+    weight_vm = wrap_model(llama, method="vipe", vision_hidden_size=DV, num_frames=4, rank=4, hidden_dim=32,
+                           num_heads=4, depth=1, tokenizer=tokenizer)
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    with pytest.raises(ValueError, match="TokenContext cannot drive a 'vipe' adapter"):
+        weight_vm(input_ids=ids, attention_mask=mask, context=token_vm.encode_video(random_features(1)))
+
+
+def test_unknown_method(llama):
+    with pytest.raises(ValueError, match="unknown method 'vlora'; available: .*llava.*vipe"):
+        wrap_model(llama, method="vlora")
+
+
+def test_not_a_causal_lm():
+    with pytest.raises(TypeError, match="HuggingFace causal LM"):
+        wrap_model(torch.nn.Linear(2, 2), method="llava", vision_hidden_size=DV)
+
+
+def test_adapter_for_another_base_model(tmp_path, tokenizer):
+    vm = wrap_model(make_tiny_lm("llama", vocab_size=len(tokenizer) + 8), method="vipe", vision_hidden_size=DV,
+                    num_frames=4, rank=4, hidden_dim=32, num_heads=4, depth=1, tokenizer=tokenizer)
+    vm.save_pretrained(tmp_path / "adapter")
+    other = make_tiny_lm("qwen2", vocab_size=len(tokenizer) + 8)
+    with pytest.raises(AdapterMismatchError, match="another base model: model_type: adapter has 'llama', model has 'qwen2'"):
+        VideoModel.from_pretrained(other, tmp_path / "adapter", tokenizer=tokenizer)
+    # The failed load leaves the other model untouched.
+    assert not any(type(m).__name__ == "LowRankWrapper" for m in other.modules())
