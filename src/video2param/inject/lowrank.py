@@ -79,15 +79,7 @@ class LowRankWrapper(nn.Module):
             factors = context.deltas.get(key)
             if factors is None:
                 continue
-            A, B = factors.A, factors.B
-            n = x.shape[0] if x.dim() == 3 else 1
-            if A.shape[0] != n:
-                if A.shape[0] != 1:
-                    raise ValueError(
-                        f"video2param: the video context holds {A.shape[0]} videos but the input batch has {n} rows"
-                    )
-                A = A.expand(n, -1, -1)
-            delta = lowrank_delta(x, A.to(x.dtype), B.to(x.dtype), factors.scale)
+            delta = _batched_delta(x, factors.A.to(x.dtype), factors.B.to(x.dtype), factors.scale)
             index = self._index(i)
             out = out + delta if index is None else out.index_add(-1, index, delta)
         return out
@@ -129,6 +121,23 @@ class LowRankWrapper(nn.Module):
             self.base.weight.copy_(self._saved_weight)
         self._saved_weight = None
         self.merged_context = None
+
+
+def _batched_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-sample delta for x of shape (n, L, d_in), or (n·L, d_in) as some models (OPT's MLP) flatten it."""
+    n = A.shape[0]
+    if x.dim() == 3:
+        if x.shape[0] != n:
+            if n != 1:
+                raise ValueError(f"video2param: the video context holds {n} videos but the input batch has {x.shape[0]} rows")
+            A = A.expand(x.shape[0], -1, -1)
+        return lowrank_delta(x, A, B, scale)
+    if x.dim() == 2:
+        if x.shape[0] % n:
+            raise ValueError(f"video2param: {x.shape[0]} flattened tokens cannot be split evenly over {n} videos")
+        # Row-major flattening of (n, L, d) keeps each sample's tokens contiguous.
+        return lowrank_delta(x.reshape(n, -1, x.shape[-1]), A, B, scale).reshape(x.shape[0], -1)
+    raise ValueError(f"video2param: unsupported input of shape {tuple(x.shape)} for a low-rank target")
 
 
 def inject_lowrank(model: nn.Module, sites: list[TargetSite]) -> dict[str, LowRankWrapper]:
