@@ -118,7 +118,7 @@ class VideoModel(nn.Module):
     def prepare_videos(self, videos: Any, frame_mask: torch.Tensor | None = None) -> VideoInputs:
         """Turn ``videos`` (features, pixels, paths, clips) into checked features (B,T,P,Dv) and a frame mask."""
         inputs = prepare_video_inputs(videos, frame_mask, vision=self.vision,
-                                      feature_dim=self.config.vision_hidden_size)
+                                      feature_dim=self.config.vision_hidden_size, num_frames=self.config.num_frames)
         dtype = next(self.method.parameters(), torch.empty(0)).dtype
         return VideoInputs(inputs.features.to(device=self.device, dtype=dtype),
                            None if inputs.frame_mask is None else inputs.frame_mask.to(self.device))
