@@ -17,10 +17,12 @@ from .methods.base import (
     register_method,
 )
 from .model import VideoModel, wrap_model
+from .hub import AdapterNotFoundError
 from .serialization import AdapterMismatchError
 
 __all__ = [
     "AdapterMismatchError",
+    "AdapterNotFoundError",
     "LowRank",
     "TokenContext",
     "VideoAdapterConfig",

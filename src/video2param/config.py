@@ -23,7 +23,7 @@ class VideoAdapterConfig:
     checked against the method's ``Options`` dataclass (see ``video2param.methods``).
     """
 
-    method: str = field(default="llava", metadata={"help": "Video method: one of the registered methods (llava, vipe, ...)."})
+    method: str = field(default="vipe", metadata={"help": "Video method: one of the registered methods (llava, vipe, ...)."})
     num_frames: int = field(default=32, metadata={"help": "Frames sampled per video (upper bound for temporal embeddings)."})
     vision_hidden_size: int | None = field(
         default=None, metadata={"help": "Width Dv of the video features; taken from the vision tower when one is given."}

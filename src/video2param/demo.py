@@ -71,7 +71,7 @@ def method_options(method: str, frames: int) -> dict[str, Any]:
     return common
 
 
-def _features_dataset(dataset, encoder, batch: int = 64):
+def _features_dataset(dataset, encoder, batch: int = 128):
     """Encode every video once with the frozen tower; the items keep their questions, videos become features."""
     items = [dataset[i] for i in range(len(dataset))]
     out = []
@@ -104,8 +104,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     else:
         tokenizer = moving_shapes_tokenizer(data_cfg)
         make_llm = lambda: build_small_llm(len(tokenizer) + 1, cfg.seed)  # noqa: E731  (+1: the video token)
-    tower = VisionEncoder.from_pretrained(cfg.vision) if cfg.vision else VisionEncoder(
-        build_small_vision(data_cfg.frame_size, cfg.seed))
+    tower = (VisionEncoder.from_pretrained(cfg.vision, chunk_size=256, progress=False) if cfg.vision
+             else VisionEncoder(build_small_vision(data_cfg.frame_size, cfg.seed), chunk_size=256, progress=False))
     log(f"MovingShapes: {len(train_set)} train / {len(test_set)} test questions, {cfg.frames} frames of "
         f"{data_cfg.frame_size}px; encoding them once with the frozen vision tower ...")
     train_feats = _features_dataset(train_set, tower)

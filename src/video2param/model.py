@@ -75,14 +75,7 @@ class VideoModel(nn.Module):
 
     @property
     def fingerprint(self) -> BaseModelFingerprint:
-        cfg = self.llm.config
-        return BaseModelFingerprint(
-            model_type=str(getattr(cfg, "model_type", type(self.llm).__name__)),
-            hidden_size=self.llm_info.hidden_size,
-            num_layers=self.llm_info.num_layers,
-            vocab_size=int(self.llm.get_input_embeddings().weight.shape[0]),
-            name=getattr(cfg, "_name_or_path", None) or None,
-        )
+        return BaseModelFingerprint.of(self.llm)
 
     # ---- training stages -------------------------------------------------------------------------------------
     def set_stage(self, stage: Stage) -> None:
@@ -294,13 +287,13 @@ class VideoModel(nn.Module):
         directory = resolve_adapter_dir(directory_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                         required_files=(CONFIG_NAME, WEIGHTS_NAME), **hub_kwargs)
         loaded = read_adapter(Path(directory))
-        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, stage=stage)
-        diffs = loaded.fingerprint.differences(model.fingerprint)
+        # Check the base model before wrapping it: a mismatch must leave `llm` untouched.
+        diffs = loaded.fingerprint.differences(BaseModelFingerprint.of(llm))
         if diffs:
-            model.unwrap()
             raise AdapterMismatchError(
                 f"adapter {directory_or_repo_id} was saved for another base model: " + "; ".join(diffs)
             )
+        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, stage=stage)
         expected = model.adapter_state_dict()
         try:
             check_state(expected, loaded.state, str(directory_or_repo_id))
@@ -309,6 +302,12 @@ class VideoModel(nn.Module):
             raise
         model.method.load_state_dict(loaded.state, strict=True)
         return model
+
+    def export_peft(self, video: Any, directory: str | Path, **kwargs: Any) -> Path:
+        """Write one video's weight deltas as a standard PEFT LoRA adapter (see ``video2param.export.export_peft``)."""
+        from .export import export_peft
+
+        return export_peft(self, video, directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, commit_message: str | None = None,
                     token: str | None = None, metrics: dict[str, float] | None = None, **hub_kwargs: Any) -> str:
@@ -329,7 +328,7 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
     """Attach a video adapter to any HuggingFace causal LM.
 
     ``wrap_model(llm, VideoAdapterConfig(method="vipe"), vision=tower, tokenizer=tok)`` or the short form
-    ``wrap_model(llm, method="vipe", rank=32, num_queries=32)``: common config fields by name, anything else is a
+    ``wrap_model(llm, method="vipe", rank=32, depth=2)``: common config fields by name, anything else is a
     method option.
     """
     if isinstance(config, str):
@@ -337,7 +336,7 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
             raise ValueError(f"method given twice: {config!r} and {method!r}")
         method, config = config, None
     if config is None:
-        config = VideoAdapterConfig.split_kwargs(method or "llava", options)
+        config = VideoAdapterConfig.split_kwargs(method or "vipe", options)
     elif method is not None or options:
         raise ValueError("pass either a VideoAdapterConfig or method=/options, not both")
     if not isinstance(config, VideoAdapterConfig):

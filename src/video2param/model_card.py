@@ -47,20 +47,23 @@ def render_model_card(vm: "VideoModel", metrics: dict[str, float] | None = None)
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
-    lines += [
-        "",
-        "## How to load",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "from video2param import VideoModel",
-        "",
-        f'llm = AutoModelForCausalLM.from_pretrained("{fp.name or "<base model>"}")',
-        f'tok = AutoTokenizer.from_pretrained("{fp.name or "<base model>"}")',
-        'vm = VideoModel.from_pretrained(llm, "<this repo or directory>", tokenizer=tok, vision=<vision tower>)',
-        "```",
-        "",
-        "Only JSON and safetensors files are read; nothing in this repository is executed.",
-        "",
-    ]
+    lines += ["", "## How to load", "", *_loading_snippet(fp.name, _vision_name(vm.vision)), "",
+              "Only JSON and safetensors files are read; nothing in this repository is executed.", ""]
     return "\n".join(lines)
+
+
+def _loading_snippet(base_name: str | None, vision_name: str | None) -> list[str]:
+    """Runnable code when the base model and vision tower names are known, placeholders where they are not."""
+    base = base_name or "<base model>"
+    lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    lines.append("from video2param import VideoModel" + (", VisionEncoder" if vision_name else ""))
+    lines += ["", f'llm = AutoModelForCausalLM.from_pretrained("{base}")',
+              f'tok = AutoTokenizer.from_pretrained("{base}")']
+    if vision_name:
+        lines += [f'vision = VisionEncoder.from_pretrained("{vision_name}")',
+                  'vm = VideoModel.from_pretrained(llm, "<this repo or directory>", tokenizer=tok, vision=vision)']
+    else:
+        lines += ["# trained on precomputed features: pass videos=features (B, T, P, Dv), or vision=<your tower>",
+                  'vm = VideoModel.from_pretrained(llm, "<this repo or directory>", tokenizer=tok)']
+    lines.append("```")
+    return lines

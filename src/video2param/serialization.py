@@ -38,6 +38,20 @@ class BaseModelFingerprint:
     vocab_size: int
     name: str | None = None
 
+    @classmethod
+    def of(cls, llm: torch.nn.Module) -> "BaseModelFingerprint":
+        """The fingerprint of a HF causal LM, read without wrapping it (so a mismatch is found before any change)."""
+        from . import targets
+
+        cfg = llm.config
+        return cls(
+            model_type=str(getattr(cfg, "model_type", type(llm).__name__)),
+            hidden_size=targets.hidden_size(llm),
+            num_layers=targets.num_layers(llm),
+            vocab_size=int(llm.get_input_embeddings().weight.shape[0]),
+            name=getattr(cfg, "_name_or_path", None) or None,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "vocab_size": self.vocab_size, "name": self.name}

@@ -1,0 +1,266 @@
+"""Export one video's weight deltas as a standard PEFT LoRA adapter.
+
+A weight-space method (e.g. ViPE) turns a video into low-rank deltas ``scale · B A`` on target modules of the
+LLM. :func:`export_peft` writes those deltas for ONE video as the two files every PEFT-compatible stack reads:
+
+* ``adapter_config.json``: ``peft_type`` LORA, ``task_type`` CAUSAL_LM, the exact target module names, ``r`` and
+  ``lora_alpha`` (equal, so PEFT's scaling ``lora_alpha / r`` is exactly 1: the video's scale is folded into B),
+  ``fan_in_fan_out`` for GPT-2 style ``Conv1D`` weights;
+* ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``.lora_B.weight``
+  (d_out, r) per target module, the key layout ``PeftModel.save_pretrained`` writes.
+
+``PeftModel.from_pretrained(base_llm, directory)`` then reproduces the video-conditioned model on text-only input.
+
+A fused projection (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, ``gate_up_proj``) carries
+one delta per role; PEFT knows only whole modules, so the roles become ONE LoRA on the module whose rank is the sum
+of the roles' ranks: A stacks the roles' A factors, B is block-structured, each role's B placed on that role's output
+features (zero elsewhere) with ``TargetSite.embed_out``. Then ``B A = Σ_role embed_out(scale · B_role A_role)``,
+exactly the sum of the role deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from .methods.base import TokenContext, WeightContext
+from .targets import TargetSite
+
+if TYPE_CHECKING:
+    from .model import VideoModel
+
+__all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "ModuleLoRA", "export_peft", "module_loras", "peft_lora_config"]
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_CARD_NAME = "README.md"
+# PeftModelForCausalLM wraps the base model twice (PeftModel.base_model = LoraModel, LoraModel.model = the LLM);
+# saved keys carry that prefix with the adapter name removed.
+_KEY_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class ModuleLoRA:
+    """The LoRA of one whole module: ``delta_W = B @ A`` in ``nn.Linear`` orientation (out, in), scale included."""
+
+    name: str = field(metadata={"help": "qualified module name in the LLM (what PEFT's target_modules matches)"})
+    A: torch.Tensor = field(repr=False, metadata={"help": "(rank, in_features)"})
+    B: torch.Tensor = field(repr=False, metadata={"help": "(module out_features, rank), the delta's scale folded in"})
+    transposed: bool = field(metadata={"help": "the module is a GPT-2 Conv1D (weight stored (in, out))"})
+    parts: tuple[str, ...] = field(metadata={"help": "site keys combined into this LoRA, in rank order"})
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out_features, in_features) delta this LoRA adds to the module's weight (Linear layout)."""
+        return self.B.float() @ self.A.float()
+
+
+def module_loras(context: WeightContext, sites: Sequence[TargetSite], sample: int = 0) -> dict[str, ModuleLoRA]:
+    """One :class:`ModuleLoRA` per target module for video ``sample`` of ``context``, keyed by module name.
+
+    Sites without a delta in ``context`` are skipped; the roles of a fused module are combined (see module doc).
+    Computed in float32 on the CPU.
+
+    Raises:
+        ValueError: ``context`` holds a delta for a key that is not one of ``sites``, ``sample`` is out of range,
+            or factors do not match their site's widths.
+    """
+    by_key = {site.key: site for site in sites}
+    unknown = sorted(set(context.deltas) - set(by_key))
+    if unknown:
+        raise ValueError(
+            f"export: the context has deltas for {_short(unknown)}, which are not targets of this model "
+            f"(targets: {_short(sorted(by_key))}); was it encoded by another model?"
+        )
+    if not 0 <= sample < context.batch_size:
+        raise ValueError(f"export: sample {sample} out of range for a context of {context.batch_size} video(s)")
+    grouped: dict[str, list[TargetSite]] = {}
+    for site in sites:
+        if site.key in context.deltas:
+            grouped.setdefault(site.name, []).append(site)
+    out: dict[str, ModuleLoRA] = {}
+    for name, module_sites in grouped.items():
+        a_parts, b_parts = [], []
+        for site in module_sites:
+            factors = context.deltas[site.key]
+            A = factors.A[sample].detach().to("cpu", torch.float32)  # (r, d_in)
+            B = factors.B[0 if factors.B.shape[0] == 1 else sample].detach().to("cpu", torch.float32)  # (d_out, r)
+            if A.shape[1] != site.in_features:
+                raise ValueError(f"export: {site.key}: A has input width {A.shape[1]}, the module takes "
+                                 f"{site.in_features}")
+            if B.shape[0] != site.out_features:
+                raise ValueError(f"export: {site.key}: B has output width {B.shape[0]}, the site has "
+                                 f"{site.out_features} output features")
+            a_parts.append(A)
+            # Scale folded into B so the exported LoRA needs PEFT scaling 1; zero rows outside this role's features.
+            b_parts.append(site.embed_out(B * float(factors.scale), dim=0))
+        A_all, B_all = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+        if not (torch.isfinite(A_all).all() and torch.isfinite(B_all).all()):
+            raise ValueError(f"export: the delta of {name} contains NaN or inf")
+        out[name] = ModuleLoRA(name=name, A=A_all, B=B_all, transposed=module_sites[0].transposed,
+                               parts=tuple(s.key for s in module_sites))
+    return out
+
+
+def export_peft(vm: "VideoModel", video: Any, directory: str | Path, *, frame_mask: torch.Tensor | None = None,
+                uniform_rank: bool = True, dtype: torch.dtype = torch.float32,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write one video's weight deltas as a PEFT LoRA adapter directory; returns the directory.
+
+    Args:
+        vm: a ``VideoModel`` with a weight-space method (e.g. ``vipe``).
+        video: ONE video in any form ``vm.encode_video`` accepts (features (1, T, P, Dv), pixel frames with a vision
+            tower, a file path, a clip), or a ready ``WeightContext`` of batch 1 (e.g. encoded with a prompt for a
+            method that conditions on it).
+        directory: where to write; replaced atomically (a failed export leaves a previous directory untouched).
+        frame_mask: (1, T) mask of real frames, as for ``encode_video``.
+        uniform_rank: True (default): every module gets the same rank (the largest; smaller LoRAs are padded with
+            zero rows, which changes nothing), the plainest form, which LoRA servers (vLLM, TGI, ...) read.
+            False: each module keeps its own rank through ``rank_pattern``/``alpha_pattern`` (smaller file that
+            PEFT loads; not every server honours the patterns).
+        dtype: dtype of the stored tensors (float32 by default: exact; bfloat16/float16 halve the file).
+        base_model_name_or_path: recorded in the config (default: the LLM's ``name_or_path`` when known).
+
+    Raises:
+        ValueError: a token-space method or context, more than one video, a context that does not fit the model,
+            or a non-finite delta.
+    """
+    from .hub import atomic_directory
+
+    context = _one_video_context(vm, video, frame_mask)
+    loras = module_loras(context, vm.llm_info.sites)
+    ranks = {name: lora.rank for name, lora in loras.items()}
+    r = max(ranks.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lora in loras.items():
+        A, B = lora.A, lora.B
+        if uniform_rank and lora.rank < r:
+            A = torch.cat([A, A.new_zeros(r - lora.rank, A.shape[1])], dim=0)
+            B = torch.cat([B, B.new_zeros(B.shape[0], r - lora.rank)], dim=1)
+        tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
+    base_name = base_model_name_or_path if base_model_name_or_path is not None else vm.fingerprint.name
+    config = peft_lora_config(
+        modules=sorted(loras), r=r, rank_pattern={} if uniform_rank else ranks,
+        fan_in_fan_out=all(lora.transposed for lora in loras.values()), base_model_name_or_path=base_name,
+    )
+    with atomic_directory(directory) as tmp:
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME),
+                  metadata={"format": "pt", "library": "video2param", "method": vm.config.method})
+        (tmp / _CARD_NAME).write_text(_render_card(vm, loras, r, uniform_rank, base_name), encoding="utf-8")
+    return Path(directory)
+
+
+def peft_lora_config(modules: Iterable[str], r: int, *, rank_pattern: dict[str, int] | None = None,
+                     fan_in_fan_out: bool = False, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a LoRA whose effective scaling is 1 on every module.
+
+    Only long-standing LoRA fields are written, so old and new PEFT versions (and servers that parse the file
+    themselves) read it alike; PEFT fills every other field with its default. ``rank_pattern`` maps module names
+    to ranks different from ``r``; each gets the same ``lora_alpha`` so that ``alpha / r`` stays 1.
+    """
+    # PEFT matches pattern keys as regexes against the end of a module name: escape the dots of exact names.
+    patterns = {re.escape(name): rank for name, rank in sorted((rank_pattern or {}).items()) if rank != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": list(modules),
+        "rank_pattern": patterns,
+        "alpha_pattern": dict(patterns),
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_lora_weights": True,
+    }
+
+
+def _one_video_context(vm: "VideoModel", video: Any, frame_mask: torch.Tensor | None) -> WeightContext:
+    if vm.method_kind != "weights":
+        raise ValueError(
+            f"export_peft: method {vm.config.method!r} puts the video into input tokens, not weights; only "
+            "weight-space methods (e.g. 'vipe') can be exported as a LoRA"
+        )
+    if isinstance(video, TokenContext):
+        raise ValueError("export_peft: got a TokenContext; a LoRA can only be made from a WeightContext")
+    if isinstance(video, WeightContext):
+        if frame_mask is not None:
+            raise ValueError("export_peft: frame_mask applies to raw videos, not to a ready WeightContext")
+        context = video
+    else:
+        with torch.no_grad():
+            context = vm.encode_video(video, frame_mask)
+    if context.batch_size != 1:
+        raise ValueError(
+            f"export_peft: a LoRA holds one video's deltas, got {context.batch_size} videos; export them one at a "
+            "time (e.g. context.select([i]))"
+        )
+    return context
+
+
+def _render_card(vm: "VideoModel", loras: dict[str, ModuleLoRA], r: int, uniform_rank: bool,
+                 base_name: str | None) -> str:
+    from . import __version__
+
+    fp = vm.fingerprint
+    base = base_name or f"a {fp.model_type} model (hidden {fp.hidden_size}, {fp.num_layers} layers)"
+    layers = sorted({s.layer for s in vm.llm_info.sites if s.name in loras})
+    smallest = min(lora.rank for lora in loras.values())
+    rank_note = f"{r} on every module" if uniform_rank else f"{smallest}–{r} per module"
+    return "\n".join([
+        "---",
+        "library_name: peft",
+        "tags:",
+        "- lora",
+        "- video2param",
+        f"- {vm.config.method}",
+        "---",
+        "",
+        "# LoRA of one video",
+        "",
+        f"The weight deltas that the video2param `{vm.config.method}` adapter computed for one video, exported as a "
+        "standard PEFT LoRA. With it, the base model answers questions about that video from text alone.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {base} (`{fp.model_type}`, vocab {fp.vocab_size}) |",
+        f"| modules | {len(loras)} on layers {layers} |",
+        f"| rank | {rank_note} (scale folded into lora_B; lora_alpha = r) |",
+        f"| video2param version | {__version__} |",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_name or "<base model>"}")',
+        'model = PeftModel.from_pretrained(base, "<this repo or directory>")',
+        "```",
+        "",
+    ])
+
+
+def _short(items: list[str], limit: int = 4) -> str:
+    head = ", ".join(items[:limit])
+    return head + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
