@@ -95,3 +95,10 @@ def test_adapter_for_another_base_model(tmp_path, tokenizer):
         VideoModel.from_pretrained(other, tmp_path / "adapter", tokenizer=tokenizer)
     # The failed load leaves the other model untouched.
     assert not any(type(m).__name__ == "LowRankWrapper" for m in other.modules())
+
+
+def test_video_token_beyond_the_embedding_rows(tokenizer):
+    small = make_tiny_lm("llama", vocab_size=len(tokenizer))  # no room for the <video> id
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        wrap_model(small, method="llava", vision_hidden_size=DV, num_frames=4, tokenizer=tokenizer)
+    assert not any(type(m).__name__ == "LowRankWrapper" for m in small.modules())

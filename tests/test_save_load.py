@@ -83,3 +83,24 @@ def test_missing_directory(tmp_path, tokenizer):
     llm = make_tiny_lm("llama", vocab_size=len(tokenizer) + 8)
     with pytest.raises(FileNotFoundError):
         VideoModel.from_pretrained(llm, tmp_path / "nowhere", tokenizer=tokenizer)
+
+
+def test_save_base_model_keeps_the_adapter_attached(tmp_path, tokenizer):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    llm = make_tiny_lm("llama", vocab_size=len(tokenizer) + 8)
+    vm = _trained_like(wrap_model(llm, method="vipe", vision_hidden_size=DV, num_frames=4, rank=4, inject_every=2,
+                                  hidden_dim=32, num_heads=4, depth=1, tokenizer=tokenizer, stage="sft"))
+    ids, mask = encode(tokenizer, ["<video> what colour ?"])
+    feats = random_features(1)
+    before = vm(input_ids=ids, attention_mask=mask, videos=feats).logits
+    vm.save_base_model(tmp_path / "lm")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    # (the reload picks its own attention kernel, hence allclose)
+    assert torch.allclose(reloaded(input_ids=ids, attention_mask=mask).logits, vm.llm(input_ids=ids, attention_mask=mask).logits,
+                          atol=1e-6)
+    assert torch.equal(vm(input_ids=ids, attention_mask=mask, videos=feats).logits, before)
+    twin = copy.deepcopy(vm)  # the merge lock is recreated, not copied
+    assert torch.equal(twin(input_ids=ids, attention_mask=mask, videos=feats).logits, before)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import targets as tg
 from .config import VideoAdapterConfig
-from .inject.lowrank import inject_lowrank, remove_lowrank, site_key, use_weight_context
+from .inject.lowrank import _set_submodule, inject_lowrank, remove_lowrank, site_key, use_weight_context
 from .inject.tokens import ensure_video_token, splice_video_tokens
 from .methods.base import LLMInfo, TextInputs, TokenContext, VideoContext, WeightContext, get_method
 from .serialization import BaseModelFingerprint, check_state, read_adapter, save_adapter
@@ -55,11 +55,18 @@ class VideoModel(nn.Module):
                                 model_type=getattr(llm.config, "model_type", ""))
         param = next(llm.parameters())
         self.method = method_cls(config, self.llm_info).to(device=param.device)
-        self._wrappers = inject_lowrank(llm, sites) if sites else {}
         self.video_token = config.video_token
         self.video_token_id: int | None = (
             ensure_video_token(tokenizer, config.video_token) if tokenizer is not None else None
         )
+        rows = int(llm.get_input_embeddings().weight.shape[0])
+        if self.video_token_id is not None and self.video_token_id >= rows:
+            # Checked before any module is wrapped, so the caller can resize and wrap again.
+            raise ValueError(
+                f"video_token: {config.video_token!r} has id {self.video_token_id} but the LLM's embedding has only "
+                f"{rows} rows; call llm.resize_token_embeddings(len(tokenizer)) before wrap_model"
+            )
+        self._wrappers = inject_lowrank(llm, sites) if sites else {}
         self._merge_lock = threading.Lock()
         self._unwrapped = False
         self.set_stage(stage)
@@ -256,6 +263,16 @@ class VideoModel(nn.Module):
             p.requires_grad_(True)
         return self.llm
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A lock can be neither copied nor pickled; copy.deepcopy(vm) gets a fresh one instead.
+        state = self.__dict__.copy()
+        state.pop("_merge_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._merge_lock = threading.Lock()
+
     def _check_alive(self) -> None:
         if self._unwrapped:
             raise RuntimeError("this VideoModel was unwrapped; wrap the LLM again to use a video adapter")
@@ -274,6 +291,21 @@ class VideoModel(nn.Module):
             card = render_model_card(self, metrics=metrics)
             save_adapter(Path(tmp), self.config, self.adapter_state_dict(), self.fingerprint, card,
                          extra={"vision_tower": _vision_name(self.vision), "metrics": metrics or {}})
+        return Path(directory)
+
+    def save_base_model(self, directory: str | Path, **save_kwargs: Any) -> Path:
+        """Save the LLM as a plain HF checkpoint (original module names, no adapter), e.g. after stage ``sft``.
+
+        The adapter stays attached: the wrappers are taken out for the save and put back afterwards.
+        """
+        self._check_alive()
+        with self._merge_lock:  # never while a video is merged into the weights
+            remove_lowrank(self.llm, self._wrappers)
+            try:
+                self.llm.save_pretrained(directory, **save_kwargs)
+            finally:
+                for name, wrapper in self._wrappers.items():
+                    _set_submodule(self.llm, name, wrapper)
         return Path(directory)
 
     @classmethod
