@@ -14,7 +14,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
-        kind = {"int": int, "float": float, "int | None": int, "str | None": str}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
 
 

@@ -1,0 +1,64 @@
+"""The command line: `video2param demo` end to end (tiny settings) and `video2param ask` on a real video file."""
+
+import json
+
+import pytest
+import torch
+from video_files import write_mp4
+
+from video2param import wrap_model
+from video2param.cli import main
+
+
+@pytest.mark.slow
+def test_demo_prints_its_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--steps", "4", "--train-size", "40", "--test-size", "10", "--batch-size", "8",
+                 "--output-dir", str(out), "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| method | color | shape | direction | order | count |" in printed
+    assert "| vipe |" in printed and "| llava |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"]["llava"]["flops_ratio"] == 1.0
+    assert results["rows"]["vipe"]["visual_tokens"] == 0
+    assert results["rows"]["vipe"]["flops_ratio"] < 1.0
+    assert (out / "vipe" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "many"])
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_ask_answers_from_a_video_file(tmp_path, capsys):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from video2param.data import MovingShapesConfig, moving_shapes_tokenizer
+    from video2param.demo import build_small_llm
+
+    tok = moving_shapes_tokenizer(MovingShapesConfig())
+    llm = build_small_llm(len(tok) + 1, seed=0)
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4))
+    tower.save_pretrained(tmp_path / "tower")
+    vm = wrap_model(llm, method="vipe", vision=tower, tokenizer=tok, num_frames=4, rank=4, hidden_dim=32,
+                    num_heads=4, depth=1)
+    vm.save_pretrained(tmp_path / "adapter")
+    vm.save_base_model(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    video = write_mp4(tmp_path / "clip.mp4", num_frames=12, width=32, height=32)
+    code = main(["ask", str(video), "what colour is the square?", "--adapter", str(tmp_path / "adapter"),
+                 "--llm", str(tmp_path / "lm"), "--vision", str(tmp_path / "tower"), "--max-new-tokens", "2"])
+    assert code == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer and all(word in tok.get_vocab() for word in answer.split())
+
+
+def test_ask_reports_a_missing_video(tmp_path, capsys):
+    code = main(["ask", str(tmp_path / "nope.mp4"), "what?", "--adapter", str(tmp_path), "--llm", str(tmp_path),
+                 "--vision", str(tmp_path)])
+    assert code == 2
+    assert "video2param ask:" in capsys.readouterr().err
