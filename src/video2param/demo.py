@@ -27,7 +27,7 @@ BASELINE = "llava"
 @dataclass
 class DemoConfig:
     method: str = field(default="vipe", metadata={"help": "Method to compare with the llava baseline."})
-    steps: int = field(default=400, metadata={"help": "Training steps per method."})
+    steps: int = field(default=600, metadata={"help": "Training steps per method."})
     frames: int = field(default=8, metadata={"help": "Frames per MovingShapes video."})
     seed: int = field(default=0, metadata={"help": "Seed of data, models and training."})
     output_dir: str = field(default="runs/demo", metadata={"help": "Where adapters and results.json go."})
