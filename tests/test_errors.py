@@ -102,3 +102,9 @@ def test_video_token_beyond_the_embedding_rows(tokenizer):
     with pytest.raises(ValueError, match="resize_token_embeddings"):
         wrap_model(small, method="llava", vision_hidden_size=DV, num_frames=4, tokenizer=tokenizer)
     assert not any(type(m).__name__ == "LowRankWrapper" for m in small.modules())
+
+
+@pytest.mark.parametrize("method", ["llava", "vipe"])
+def test_unknown_feature_width(llama, method):
+    with pytest.raises(ValueError, match="vision_hidden_size: unknown"):
+        wrap_model(llama, method=method)

@@ -141,7 +141,6 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         opts = method_options(name, cfg.frames)
         config = VideoAdapterConfig(method=name, vision_hidden_size=tower.hidden_size, **opts)
         vm = wrap_model(make_llm(), config, tokenizer=tokenizer, stage=cfg.stage)
-        vm.vision_name = getattr(tower, "identity", None)
         collate = VideoQACollator(tokenizer, vm.video_token, train=True)
         lr = cfg.lr if cfg.lr is not None else METHOD_LR.get(name, 1e-3)
         result = train(vm, train_feats, collate, TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,

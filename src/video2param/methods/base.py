@@ -173,6 +173,14 @@ class VideoMethod(nn.Module):
         self.llm_info = llm
         self.options = self.parse_options(config.options)
 
+    @property
+    def vision_width(self) -> int:
+        """Width Dv of the incoming video features (ValueError when the config does not know it)."""
+        width = self.config.vision_hidden_size
+        if width is None:
+            raise ValueError("vision_hidden_size: unknown; pass a vision tower or set vision_hidden_size")
+        return width
+
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
         """Validate a dict of options against ``Options``; unknown keys raise ValueError naming them."""

@@ -41,9 +41,7 @@ class LlavaMethod(VideoMethod):
 
     def __init__(self, config, llm: LLMInfo) -> None:
         super().__init__(config, llm)
-        dv = config.vision_hidden_size
-        if dv is None:
-            raise ValueError("vision_hidden_size: unknown; pass a vision tower or set vision_hidden_size")
+        dv = self.vision_width
         d = llm.hidden_size
         self.temporal = nn.Embedding(config.num_frames, dv) if self.options.temporal_embedding else None
         if self.temporal is not None:

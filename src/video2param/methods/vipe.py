@@ -154,9 +154,7 @@ class VipeMethod(VideoMethod):
         super().__init__(config, llm)
         if not llm.sites:
             raise ValueError("vipe: no target modules selected (check targets and inject_every/inject_layers)")
-        dv_in = config.vision_hidden_size
-        if dv_in is None:
-            raise ValueError("vision_hidden_size: unknown; pass a vision tower or set vision_hidden_size")
+        dv_in = self.vision_width
         opt = self.options
         dim, rank = opt.hidden_dim, config.rank
         self.input_proj = nn.Sequential(nn.Linear(dv_in, dim), nn.LayerNorm(dim))
