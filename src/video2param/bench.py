@@ -67,17 +67,13 @@ def measure_costs(vm, input_ids: torch.Tensor, attention_mask: torch.Tensor, vid
     vm.eval()
     try:
         context = vm.encode_video(videos, frame_mask, input_ids=input_ids, attention_mask=attention_mask)
-        peak = None
         if input_ids.is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        report = CostReport(
+        return CostReport(
             visual_tokens=visual_tokens(context),
             llm_flops=llm_flops(vm, input_ids, attention_mask, context),
             ttft_s=time_to_first_token(vm, input_ids, attention_mask, context, repeats=repeats),
+            peak_memory_bytes=torch.cuda.max_memory_allocated() if input_ids.is_cuda else None,
         )
-        if input_ids.is_cuda:
-            peak = torch.cuda.max_memory_allocated()
-        report.peak_memory_bytes = peak
-        return report
     finally:
         vm.train(was_training)

@@ -280,7 +280,7 @@ class VideoModel(nn.Module):
     # ---- saving / loading ------------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's own tensors (the LLM and the vision tower are not included)."""
-        return {k: v for k, v in self.method.state_dict().items()}
+        return dict(self.method.state_dict())
 
     def save_pretrained(self, directory: str | Path, *, metrics: dict[str, float] | None = None) -> Path:
         """Write the adapter (config JSON, safetensors, model card) atomically into ``directory``."""

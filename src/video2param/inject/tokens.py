@@ -100,10 +100,10 @@ def splice_video_tokens(
     new_index = cols + after.long() * shift
     keep = ~(has_mark[:, None] & (cols == position[:, None]))  # a present mark is replaced, not kept
 
-    new_len = length + n - 1 if bool(has_mark.all()) else length + n
     # Rows with a mark grow by n - 1, rows without by n: pad the former on the left to a common length
     # (left padding keeps generation right-aligned).
-    row_len = torch.where(has_mark, length + n - 1, length + n)
+    row_len = length + shift.squeeze(1)
+    new_len = int(row_len.max())
     left_pad = (new_len - row_len)[:, None]
     new_index = new_index + left_pad
 
