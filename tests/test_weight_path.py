@@ -94,18 +94,18 @@ def test_generate_merge_fast_path_matches(llama, tokenizer):
 def test_context_is_restored_after_exception(llama, tokenizer):
     vm = _vm(llama, tokenizer)
     ids, mask = encode(tokenizer, ["what colour ?"])
-    assert active_context() is None
+    assert active_context(vm._scope) is None
     layer = vm.llm.model.layers[1]
 
     def fail(*args, **kwargs):
-        assert active_context() is not None  # the video is active inside the call
+        assert active_context(vm._scope) is not None  # the video is active inside the call
         raise RuntimeError("layer failed")
 
     layer.forward = fail
     with pytest.raises(RuntimeError, match="layer failed"):
         vm(input_ids=ids, attention_mask=mask, videos=random_features(1))
     del layer.forward
-    assert active_context() is None
+    assert active_context(vm._scope) is None
     text_only = vm(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(text_only, vm.llm(input_ids=ids, attention_mask=mask).logits)
 
@@ -119,11 +119,11 @@ def test_two_threads_never_see_each_others_video(llama, tokenizer):
     results: dict[int, list[bool]] = {0: [], 1: []}
 
     def worker(i):
-        with use_weight_context(ctxs[i]):
+        with vm.use(ctxs[i]):
             barrier.wait()  # both contexts are active at the same time
             for _ in range(5):
                 results[i].append(torch.allclose(vm.llm(input_ids=ids, attention_mask=mask).logits, expected[i], atol=1e-6))
-        assert active_context() is None
+        assert active_context(vm._scope) is None
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
     for t in threads:

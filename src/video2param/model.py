@@ -17,9 +17,27 @@ from torch import nn
 
 from . import targets as tg
 from .config import VideoAdapterConfig
-from .inject.lowrank import _set_submodule, inject_lowrank, remove_lowrank, site_key, use_weight_context
-from .inject.tokens import ensure_video_token, splice_video_tokens
-from .methods.base import LLMInfo, TextInputs, TokenContext, VideoContext, WeightContext, get_method
+from .inject.lowrank import (
+    InjectionScope,
+    _set_submodule,
+    carry_context_through_checkpointing,
+    inject_lowrank,
+    remove_lowrank,
+    replace_active_context,
+    site_key,
+    use_weight_context,
+)
+from .inject.tokens import ensure_video_token, question_mask, splice_video_tokens, strip_video_marks
+from .methods.base import (
+    Conditioning,
+    LLMInfo,
+    LLMReadout,
+    Prompt,
+    TokenContext,
+    VideoContext,
+    WeightContext,
+    get_method,
+)
 from .serialization import BaseModelFingerprint, check_state, read_adapter, save_adapter
 from .videos import VideoInputs, prepare_video_inputs
 
@@ -34,13 +52,25 @@ class VideoModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, config: VideoAdapterConfig, *, vision: Any = None, tokenizer: Any = None,
-                 stage: Stage = "pretrain") -> None:
+                 text_encoder: nn.Module | None = None, stage: Stage = "pretrain") -> None:
         super().__init__()
         if not hasattr(llm, "get_input_embeddings") or not hasattr(llm, "config"):
             raise TypeError(f"wrap_model: expected a HuggingFace causal LM, got {type(llm).__name__}")
+        first = next(llm.parameters(), None)
+        if first is None:
+            raise ValueError("wrap_model: the LLM has no parameters")
+        if first.device.type == "meta":
+            raise ValueError(
+                "wrap_model: the LLM's weights are on the meta device (not loaded); load it with real weights "
+                "(e.g. from_pretrained without device_map='meta') before wrapping"
+            )
         self.llm = llm
         self.tokenizer = tokenizer
         self.vision = _as_vision_encoder(vision)
+        # Helper models stay frozen and outside the adapter's state dict (see adapter_state_dict).
+        self.text_encoder = text_encoder
+        if text_encoder is not None:
+            text_encoder.requires_grad_(False)
         config = _with_vision_width(config, self.vision)
         self.config = config
         method_cls = get_method(config.method)
@@ -66,8 +96,13 @@ class VideoModel(nn.Module):
                 f"video_token: {config.video_token!r} has id {self.video_token_id} but the LLM's embedding has only "
                 f"{rows} rows; call llm.resize_token_embeddings(len(tokenizer)) before wrap_model"
             )
-        self._wrappers = inject_lowrank(llm, sites) if sites else {}
+        self._scope = InjectionScope()
+        self._wrappers = inject_lowrank(llm, sites, self._scope) if sites else {}
+        self._site_layout = {key: (s.in_features, s.out_features) for s, key in zip(sites, self.llm_info.site_keys)}
         self._merge_lock = threading.Lock()
+        self._merge_owner: int | None = None  # thread holding the merged video
+        self._merge_depth = 0
+        self._merged: WeightContext | None = None
         self._unwrapped = False
         self.set_stage(stage)
 
@@ -124,37 +159,89 @@ class VideoModel(nn.Module):
                            None if inputs.frame_mask is None else inputs.frame_mask.to(self.device))
 
     def encode_video(self, videos: Any, frame_mask: torch.Tensor | None = None, *,
-                     input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> VideoContext:
+                     input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> VideoContext:
         """Encode a batch of videos once into a reusable context (pass it as ``context=`` to forward/generate).
 
-        Methods that condition on the prompt (``uses_text``) need ``input_ids``.
+        Methods that condition on the prompt (``needs`` has ``prompt``…) need ``input_ids``; they read the question
+        only: padding, the ``<video>`` mark and (with ``labels``) the answer are masked out, or pass
+        ``prompt_mask`` (True = question token) yourself.
         """
         self._check_alive()
         inputs = self.prepare_videos(videos, frame_mask)
-        text = None
-        if type(self.method).uses_text:
-            if input_ids is None:
-                raise ValueError(f"method {self.config.method!r} conditions on the prompt: pass input_ids to encode_video")
-            text = TextInputs(input_ids, attention_mask, self.llm.get_input_embeddings()(input_ids))
-        context = self.method.encode(inputs.features, inputs.frame_mask, text)
+        cond = self._conditioning(inputs.features.shape[0], input_ids, attention_mask, labels, prompt_mask)
+        context = self.method.encode(inputs.features, inputs.frame_mask, cond)
         expected = TokenContext if self.method_kind == "tokens" else WeightContext
         if not isinstance(context, expected):
             raise TypeError(f"method {self.config.method!r} returned {type(context).__name__}, expected {expected.__name__}")
         return context
 
-    def _resolve_context(self, videos, frame_mask, context, input_ids, attention_mask) -> VideoContext | None:
+    def _conditioning(self, batch: int, input_ids, attention_mask, labels, prompt_mask) -> Conditioning:
+        """Fill a ``Conditioning`` with exactly what the method declared in ``needs``."""
+        method_cls = type(self.method)
+        needs = method_cls.needs
+        cond = Conditioning()
+        if needs & {"prompt", "prompt_embeds", "prompt_text"}:
+            if input_ids is None:
+                raise ValueError(f"method {self.config.method!r} conditions on the prompt: pass input_ids")
+            if input_ids.shape[0] != batch and batch != 1:
+                raise ValueError(f"videos: {batch} video(s) for a text batch of {input_ids.shape[0]}")
+            mask = question_mask(input_ids, attention_mask, self.video_token_id, labels, prompt_mask)
+            embeds = texts = None
+            if "prompt_embeds" in needs:
+                # Masked positions (the mark, padding, answer) are looked up as id 0: never the mark's own row.
+                embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(~mask, 0))
+            if "prompt_text" in needs:
+                texts = self._decode_questions(input_ids, mask)
+            cond.prompt = Prompt(input_ids, mask, embeds, texts)
+        if "text_encoder" in needs:
+            if self.text_encoder is None:
+                raise ValueError(f"method {self.config.method!r} needs a text tower: pass wrap_model(text_encoder=...)")
+            cond.text_encoder = self.text_encoder
+        if "llm_readout" in needs:
+            cond.read_llm = self.read_llm
+        if method_cls.vision_views:
+            raise ValueError(
+                f"method {self.config.method!r} needs vision views {list(method_cls.vision_views)}, which this "
+                "vision tower does not provide"
+            )
+        return cond
+
+    def _decode_questions(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        if self.tokenizer is None:
+            raise ValueError(f"method {self.config.method!r} reads the question's text: pass tokenizer= to wrap_model")
+        return [self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
+                for row, m in zip(input_ids, mask)]
+
+    @torch.no_grad()
+    def read_llm(self, context: TokenContext, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> LLMReadout:
+        """Run the frozen LLM on ``input_ids`` with ``context`` spliced in (the token path), deltas off.
+
+        Returns the residual stream entering each decoder layer (hidden states 0..L-1) and the attention mask.
+        Used by methods that learn from the LLM's own reading of a video (Video2LoRA).
+        """
+        if not isinstance(context, TokenContext):
+            raise ValueError(f"read_llm: needs a TokenContext, got {type(context).__name__}")
+        context.validate(self.llm_info.hidden_size)
+        spliced = self._splice(input_ids, attention_mask, context, None)
+        with use_weight_context(self._scope, None):
+            out = self.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                           position_ids=_positions_from_mask(spliced.attention_mask), output_hidden_states=True,
+                           use_cache=False)
+        return LLMReadout(tuple(out.hidden_states[:-1]), spliced.attention_mask.bool())
+
+    def _resolve_context(self, videos, frame_mask, context, input_ids, attention_mask, labels=None,
+                         prompt_mask=None) -> VideoContext | None:
         if videos is not None and context is not None:
             raise ValueError("pass either videos= or context=, not both")
         if context is None and videos is not None:
-            context = self.encode_video(videos, frame_mask, input_ids=input_ids, attention_mask=attention_mask)
+            context = self.encode_video(videos, frame_mask, input_ids=input_ids, attention_mask=attention_mask,
+                                        labels=labels, prompt_mask=prompt_mask)
+        elif context is not None:
+            self.check_context(context)
         if context is None:
             return None
-        expected = TokenContext if self.method_kind == "tokens" else WeightContext
-        if not isinstance(context, expected):
-            raise ValueError(
-                f"context: a {type(context).__name__} cannot drive a {self.config.method!r} adapter "
-                f"(expects {expected.__name__})"
-            )
         batch = input_ids.shape[0] if input_ids is not None else None
         if batch is not None and context.batch_size != batch:
             if context.batch_size == 1:
@@ -165,34 +252,58 @@ class VideoModel(nn.Module):
                 )
         return context
 
+    def check_context(self, context: Any) -> None:
+        """ValueError unless ``context`` can drive this model: right kind, layout, width, finite values."""
+        expected = TokenContext if self.method_kind == "tokens" else WeightContext
+        if not isinstance(context, expected):
+            raise ValueError(
+                f"context: a {type(context).__name__} cannot drive a {self.config.method!r} adapter "
+                f"(expects {expected.__name__})"
+            )
+        if getattr(context, "checked_by", None) is self._scope:
+            return  # validated once for this model: reusing a context costs nothing
+        if isinstance(context, TokenContext):
+            context.validate(self.llm_info.hidden_size)
+        else:
+            context.validate(self._site_layout)
+        context.checked_by = self._scope
+
     # ---- forward / generate ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 videos: Any = None, frame_mask: torch.Tensor | None = None, context: VideoContext | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any):
-        """Run the LLM on text plus (optionally) a video per prompt; returns the LLM's output (``.loss`` with labels)."""
+                labels: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Run the LLM on text plus (optionally) a video per prompt; returns the LLM's output (``.loss`` with labels).
+
+        Prompt-conditioned methods read the question only: with ``labels`` the answer positions (labels != -100)
+        are hidden from them; ``prompt_mask`` (True = question token) overrides that.
+        """
         self._check_alive()
-        if input_ids is None:
-            raise ValueError("input_ids: required (the prompt)")
-        context = self._resolve_context(videos, frame_mask, context, input_ids, attention_mask)
+        self._check_prompt(input_ids)
+        context = self._resolve_context(videos, frame_mask, context, input_ids, attention_mask, labels, prompt_mask)
         if context is None:
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if isinstance(context, TokenContext):
             spliced = self._splice(input_ids, attention_mask, context, labels)
             return self.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                             position_ids=_positions_from_mask(spliced.attention_mask), labels=spliced.labels, **kwargs)
-        with use_weight_context(context):
-            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        text = strip_video_marks(input_ids, attention_mask, self.video_token_id, labels)
+        carry_context_through_checkpointing(self.llm)
+        with use_weight_context(self._scope, context):
+            return self.llm(input_ids=text.input_ids, attention_mask=text.attention_mask, labels=text.labels,
+                            **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, videos: Any = None,
                  frame_mask: torch.Tensor | None = None, context: VideoContext | None = None, merge: bool = False,
                  **generate_kwargs: Any) -> torch.Tensor:
-        """Generate answers. Returns (B, prompt length + new tokens): the prompt as given, then the new tokens.
+        """Generate answers. Returns (B·n, prompt length + new tokens): the prompt as given, then the new tokens.
 
-        The video context is computed once for the call and reused at every decoding step. ``merge=True`` (one
-        video, weight methods) folds the delta into the base weights for the call and restores them afterwards.
+        n is ``num_return_sequences`` (each prompt's rows are consecutive, as in transformers). The video context is
+        computed once for the call and reused at every decoding step. ``merge=True`` (one video, weight methods)
+        folds the delta into the base weights for the call and restores them afterwards.
         """
         self._check_alive()
+        self._check_prompt(input_ids)
         context = self._resolve_context(videos, frame_mask, context, input_ids, attention_mask)
         if context is None:
             return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
@@ -202,47 +313,87 @@ class VideoModel(nn.Module):
             spliced = self._splice(input_ids, attention_mask, context, None)
             new = self.llm.generate(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                                     **generate_kwargs)
-            return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
-        expand = _generation_expansion(self.llm, generate_kwargs)
-        if expand > 1:
-            context = context.select(torch.arange(context.batch_size).repeat_interleave(expand))
+            return _prompt_then_new(input_ids, new)
+        text = strip_video_marks(input_ids, attention_mask, self.video_token_id)
         if merge:
             if input_ids.shape[0] != 1:
                 raise ValueError("merge=True needs a batch of one prompt and one video")
             with self.merged(context):
-                return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        with use_weight_context(context):
-            return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+                out = self.llm.generate(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                                        **generate_kwargs)
+        else:
+            # transformers expands the batch (beams, returned sequences) inside generate: follow its rows.
+            hook = self.llm.register_forward_pre_hook(_ExpandContext(self._scope, context), with_kwargs=True)
+            try:
+                with use_weight_context(self._scope, context):
+                    out = self.llm.generate(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                                            **generate_kwargs)
+            finally:
+                hook.remove()
+        return _prompt_then_new(input_ids, out[:, text.input_ids.shape[1]:])
+
+    def _check_prompt(self, input_ids: torch.Tensor | None) -> None:
+        if input_ids is None:
+            raise ValueError("input_ids: required (the prompt)")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a (batch, length) tensor, got {_describe(input_ids)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: empty prompt batch (shape {tuple(input_ids.shape)})")
 
     @contextlib.contextmanager
     def use(self, context: WeightContext) -> Iterator["VideoModel"]:
-        """Make ``context`` active for plain ``vm.llm(...)`` calls inside the block (weight methods)."""
+        """Make ``context`` active for plain ``vm.llm(...)`` calls inside the block (weight methods).
+
+        The context is visible to this model only, and only in this thread or task: work handed to another
+        thread inside the block runs without the video (pass ``context=`` to each call there instead).
+        """
+        self._check_alive()
         if not isinstance(context, WeightContext):
             raise ValueError("use(): needs a WeightContext (token methods pass context= to forward/generate)")
-        with use_weight_context(context):
+        self.check_context(context)
+        carry_context_through_checkpointing(self.llm)
+        with use_weight_context(self._scope, context):
             yield self
 
     @contextlib.contextmanager
     def merged(self, context: WeightContext) -> Iterator["VideoModel"]:
         """Fold one video's delta into the base weights inside the block; the weights are restored bit-exactly.
 
-        While merged, the model serves only this video: a call with another context raises. Merging is
-        exclusive (a lock), so two threads never merge at once.
+        While merged, the model serves only this video: a call with another context raises. Merging is exclusive:
+        another thread waits for the block to end. The same thread may re-enter with the same video (nested
+        ``merged`` or ``generate(..., merge=True)``); re-entering with another video raises RuntimeError.
         """
         self._check_alive()
         if not isinstance(context, WeightContext) or context.batch_size != 1:
             raise ValueError("merged(): needs a WeightContext of exactly one video")
+        self.check_context(context)
+        me = threading.get_ident()
+        if self._merge_owner == me:
+            if not _same_video(context, self._merged):
+                raise RuntimeError(
+                    "merged(): another video is already merged into this model by this thread; leave its "
+                    "merged() block first"
+                )
+            self._merge_depth += 1
+            try:
+                with use_weight_context(self._scope, self._merged):
+                    yield self
+            finally:
+                self._merge_depth -= 1
+            return
         with self._merge_lock:
             merged = []
+            self._merge_owner, self._merge_depth, self._merged = me, 1, context
             try:
                 for wrapper in self._wrappers.values():
                     wrapper.merge(context)
                     merged.append(wrapper)
-                with use_weight_context(context):
+                with use_weight_context(self._scope, context):
                     yield self
             finally:
                 for wrapper in merged:
                     wrapper.unmerge()
+                self._merge_owner, self._merge_depth, self._merged = None, 0, None
 
     def _splice(self, input_ids, attention_mask, context: TokenContext, labels):
         video_token_id = self.video_token_id if self.video_token_id is not None else -1
@@ -256,6 +407,7 @@ class VideoModel(nn.Module):
     def unwrap(self) -> nn.Module:
         """Remove the adapter and return the original LLM, its modules and weights bit-identical."""
         self._check_alive()
+        self._refuse_inside_merged("unwrap()")
         remove_lowrank(self.llm, self._wrappers)
         self._wrappers = {}
         self._unwrapped = True
@@ -272,6 +424,12 @@ class VideoModel(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._merge_lock = threading.Lock()
+        self._merge_owner, self._merge_depth, self._merged = None, 0, None
+
+    def _refuse_inside_merged(self, what: str) -> None:
+        # Waiting for the merge lock inside our own merged() block would never end.
+        if self._merge_owner == threading.get_ident():
+            raise RuntimeError(f"{what} inside a merged() block: leave the block first (the weights hold a video)")
 
     def _check_alive(self) -> None:
         if self._unwrapped:
@@ -299,6 +457,7 @@ class VideoModel(nn.Module):
         The adapter stays attached: the wrappers are taken out for the save and put back afterwards.
         """
         self._check_alive()
+        self._refuse_inside_merged("save_base_model()")
         with self._merge_lock:  # never while a video is merged into the weights
             remove_lowrank(self.llm, self._wrappers)
             try:
@@ -356,7 +515,8 @@ class VideoModel(nn.Module):
 
 
 def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *, method: str | None = None,
-               vision: Any = None, tokenizer: Any = None, stage: Stage = "pretrain", **options: Any) -> VideoModel:
+               vision: Any = None, tokenizer: Any = None, text_encoder: nn.Module | None = None,
+               stage: Stage = "pretrain", **options: Any) -> VideoModel:
     """Attach a video adapter to any HuggingFace causal LM.
 
     ``wrap_model(llm, VideoAdapterConfig(method="vipe"), vision=tower, tokenizer=tok)`` or the short form
@@ -373,7 +533,7 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
         raise ValueError("pass either a VideoAdapterConfig or method=/options, not both")
     if not isinstance(config, VideoAdapterConfig):
         raise TypeError(f"config: expected a VideoAdapterConfig, got {type(config).__name__}")
-    return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, stage=stage)
+    return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, stage=stage)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
@@ -412,8 +572,50 @@ def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
     return positions.clamp_min(0)
 
 
-def _generation_expansion(llm: nn.Module, kwargs: dict[str, Any]) -> int:
-    config = kwargs.get("generation_config") or getattr(llm, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
-    returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
-    return int(beams) * int(returns)
+def _prompt_then_new(input_ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The prompt as given (repeated for each returned sequence), then the generated tokens."""
+    repeats = new.shape[0] // input_ids.shape[0]
+    prompt = input_ids.repeat_interleave(repeats, dim=0) if repeats > 1 else input_ids
+    return torch.cat([prompt, new.to(input_ids.device)], dim=1)
+
+
+class _ExpandContext:
+    """Forward pre-hook: when generate runs k rows per prompt (beams, returned sequences), give each row its video.
+
+    transformers repeats each prompt's rows consecutively (repeat_interleave), so row j belongs to video j // k.
+    """
+
+    def __init__(self, scope: InjectionScope, context: WeightContext) -> None:
+        self.scope, self.context, self.expanded = scope, context, {}
+
+    def __call__(self, module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        n = self.context.batch_size
+        if x is None or x.shape[0] == n or x.shape[0] % n:
+            return None
+        k = x.shape[0] // n
+        if k not in self.expanded:
+            self.expanded[k] = self.context.select(torch.arange(n).repeat_interleave(k))
+        replace_active_context(self.scope, self.expanded[k])
+        return None
+
+
+def _same_video(a: WeightContext, b: WeightContext | None) -> bool:
+    if b is None:
+        return False
+    if a is b:
+        return True
+    if a.deltas.keys() != b.deltas.keys():
+        return False
+    return all(x.scale == y.scale and torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+               for x, y in ((a.deltas[k], b.deltas[k]) for k in a.deltas))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -2,27 +2,38 @@
 
 Each target module (nn.Linear, or GPT-2's transposed Conv1D) is replaced by a ``LowRankWrapper`` that computes
 ``y = base(x) + scale · (x Aᵀ) Bᵀ`` for every sample of the batch with batched matmuls (Triton on CUDA), using the
-``WeightContext`` active for the current call. The context lives in a ``contextvars.ContextVar``: it is set for
-one forward/generate call by ``use_weight_context`` and always restored, so two threads (or asyncio tasks) never
-see each other's video. ``merge``/``unmerge`` fold one video's delta into the base weights for the batch-of-one
-fast path; the original weights are kept and copied back bit-exactly.
+``WeightContext`` active for the current call. The context lives in a ``contextvars.ContextVar`` that maps an
+``InjectionScope`` (one per ``VideoModel``) to its video: it is set for one forward/generate call by
+``use_weight_context`` and always restored, so two threads (or asyncio tasks) never see each other's video, and a
+video activated for one model never reaches another model's wrappers. Gradient checkpointing recomputes layers
+outside that call: ``carry_context_through_checkpointing`` makes the LLM's checkpoint function pass the active
+deltas into the checkpointed region as explicit inputs (so recomputation sees the same video, and gradients reach
+the video method with reentrant checkpointing too). ``merge``/``unmerge`` fold one video's delta into the base
+weights for the batch-of-one fast path; the original weights are kept and copied back bit-exactly.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..kernels import lowrank_delta
-from ..methods.base import WeightContext
+from ..methods.base import LowRank, WeightContext
 from ..targets import TargetSite
 
-_ACTIVE: contextvars.ContextVar[WeightContext | None] = contextvars.ContextVar("video2param_weight_context", default=None)
+class InjectionScope:
+    """Identity of one model's set of wrappers: the key under which its active video is found."""
+
+    __slots__ = ("__weakref__",)
+
+
+ActiveContexts = Mapping[InjectionScope, WeightContext]
+_ACTIVE: contextvars.ContextVar[ActiveContexts] = contextvars.ContextVar("video2param_weight_contexts", default={})
 
 
 def site_key(site: TargetSite) -> str:
@@ -30,27 +41,96 @@ def site_key(site: TargetSite) -> str:
     return site.key
 
 
-def active_context() -> WeightContext | None:
-    """The weight context of the current call (None outside a video call)."""
-    return _ACTIVE.get()
+def active_context(scope: InjectionScope) -> WeightContext | None:
+    """The weight context active for ``scope`` in the current call (None outside a video call)."""
+    return _ACTIVE.get().get(scope)
 
 
 @contextmanager
-def use_weight_context(context: WeightContext | None) -> Iterator[None]:
-    """Make ``context`` the active video for the calls made inside the block (restored on exit, also on error)."""
-    token = _ACTIVE.set(context)
+def use_weight_context(scope: InjectionScope, context: WeightContext | None) -> Iterator[None]:
+    """Make ``context`` the active video of ``scope`` inside the block (restored on exit, also on error).
+
+    ``None`` switches the scope's deltas off (e.g. to read the plain LLM inside a video call).
+    """
+    active = dict(_ACTIVE.get())
+    if context is None:
+        active.pop(scope, None)
+    else:
+        active[scope] = context
+    token = _ACTIVE.set(active)
     try:
         yield
     finally:
         _ACTIVE.reset(token)
 
 
+def replace_active_context(scope: InjectionScope, context: WeightContext) -> None:
+    """Swap the scope's active context for the rest of the enclosing ``use_weight_context`` block."""
+    _ACTIVE.set({**_ACTIVE.get(), scope: context})
+
+
+# ---- gradient checkpointing ----------------------------------------------------------------------------------
+class _ContextCarryingCheckpoint:
+    """Wraps an LLM's checkpoint function so the active deltas enter the checkpointed region as inputs.
+
+    Without it, the recomputation in backward runs outside the ``ContextVar`` scope of the call: non-reentrant
+    checkpointing then fails its recompute check, and reentrant checkpointing silently drops the deltas' gradients.
+    Only tensors that require grad are passed as inputs; everything else is captured as is.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, function, *args, **kwargs):
+        active = _ACTIVE.get()
+        slots = [(scope, key, part) for scope, ctx in active.items() for key, lr in ctx.deltas.items()
+                 for part in ("A", "B") if getattr(lr, part).requires_grad]
+        if not slots:
+            return self.inner(_with_active(function, active), *args, **kwargs)
+        tensors = [getattr(active[scope].deltas[key], part) for scope, key, part in slots]
+        n_args = len(args)
+
+        def run(*all_args):
+            rebuilt = {scope: WeightContext(dict(ctx.deltas)) for scope, ctx in active.items()}
+            for (scope, key, part), tensor in zip(slots, all_args[n_args:]):
+                old = rebuilt[scope].deltas[key]
+                A, B = (tensor, old.B) if part == "A" else (old.A, tensor)
+                rebuilt[scope].deltas[key] = LowRank(A, B, old.scale)
+            token = _ACTIVE.set(rebuilt)
+            try:
+                return function(*all_args[:n_args])
+            finally:
+                _ACTIVE.reset(token)
+
+        return self.inner(run, *args, *tensors, **kwargs)
+
+
+def _with_active(function, active: ActiveContexts):
+    def run(*args, **kwargs):
+        token = _ACTIVE.set(active)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    return run
+
+
+def carry_context_through_checkpointing(model: nn.Module) -> None:
+    """Wrap every checkpoint function the HF model installed (``gradient_checkpointing_enable``), once each."""
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and not isinstance(func, _ContextCarryingCheckpoint):
+            module._gradient_checkpointing_func = _ContextCarryingCheckpoint(func)
+
+
 class LowRankWrapper(nn.Module):
     """Wraps one Linear/Conv1D; adds the active context's delta for each of its target parts."""
 
-    def __init__(self, base: nn.Module, sites: list[TargetSite]) -> None:
+    def __init__(self, base: nn.Module, sites: list[TargetSite], scope: InjectionScope) -> None:
         super().__init__()
         self.base = base
+        self.scope = scope
         self.transposed = sites[0].transposed
         self.keys = [site_key(s) for s in sites]
         for i, site in enumerate(sites):
@@ -65,7 +145,7 @@ class LowRankWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        context = _ACTIVE.get()
+        context = _ACTIVE.get().get(self.scope)
         if self.merged_context is not None:
             if context is not self.merged_context:
                 raise RuntimeError(
@@ -140,8 +220,11 @@ def _batched_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: flo
     raise ValueError(f"video2param: unsupported input of shape {tuple(x.shape)} for a low-rank target")
 
 
-def inject_lowrank(model: nn.Module, sites: list[TargetSite]) -> dict[str, LowRankWrapper]:
-    """Replace every module named by ``sites`` with a ``LowRankWrapper``; returns {module name: wrapper}."""
+def inject_lowrank(model: nn.Module, sites: list[TargetSite], scope: InjectionScope) -> dict[str, LowRankWrapper]:
+    """Replace every module named by ``sites`` with a ``LowRankWrapper`` reading ``scope``'s video.
+
+    Returns {module name: wrapper}.
+    """
     by_module: dict[str, list[TargetSite]] = defaultdict(list)
     for site in sites:
         by_module[site.name].append(site)
@@ -150,7 +233,7 @@ def inject_lowrank(model: nn.Module, sites: list[TargetSite]) -> dict[str, LowRa
         module = model.get_submodule(name)
         if isinstance(module, LowRankWrapper):
             raise RuntimeError(f"video2param: {name} is already wrapped (was the model wrapped twice?)")
-        wrapper = LowRankWrapper(module, module_sites)
+        wrapper = LowRankWrapper(module, module_sites, scope)
         _set_submodule(model, name, wrapper)
         wrappers[name] = wrapper
     return wrappers

@@ -136,3 +136,67 @@ def splice_video_tokens(
         out_labels = torch.full((batch, new_len), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         out_labels[rows[keep], new_index[keep]] = labels[keep]
     return SplicedInputs(out_ids, embeds, out_mask, video_positions, out_labels)
+
+
+def question_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, video_token_id: int | None,
+                  labels: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) bool: the positions of the question — what a prompt-conditioned method may read.
+
+    Padding and the ``<video>`` mark are never part of it; in teacher-forced training the answer (every position
+    whose label is not -100) is not either, so a method sees the same question in training and in ``generate``.
+    ``prompt_mask`` (True = question), when given, is used as is instead of the labels.
+    """
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if prompt_mask is not None:
+        if prompt_mask.shape != input_ids.shape:
+            raise ValueError(f"prompt_mask: expected shape {tuple(input_ids.shape)}, got {tuple(prompt_mask.shape)}")
+        mask = mask & prompt_mask.bool()
+    elif labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        mask = mask & (labels == IGNORE_INDEX)
+    if video_token_id is not None:
+        mask = mask & (input_ids != video_token_id)
+    return mask
+
+
+@dataclass
+class StrippedInputs:
+    """A prompt batch with its ``<video>`` marks removed (what a weight-space method's LLM reads)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def strip_video_marks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, video_token_id: int | None,
+                      labels: torch.Tensor | None = None) -> StrippedInputs:
+    """Remove each row's ``<video>`` mark; rows that lose a token are left-padded to a common length.
+
+    Weight-space methods put the video in the weights: the mark must not reach the LLM as an ordinary (untrained)
+    token, in training and in generation alike.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if video_token_id is None:
+        return StrippedInputs(input_ids, attention_mask, labels)
+    is_mark = input_ids == video_token_id
+    if not bool(is_mark.any()):
+        return StrippedInputs(input_ids, attention_mask, labels)
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    keep = ~is_mark
+    batch, _ = input_ids.shape
+    row_len = keep.sum(dim=1)
+    new_len = int(row_len.max())
+    new_index = keep.long().cumsum(dim=1) - 1 + (new_len - row_len)[:, None]
+    rows = torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)
+    out_ids = torch.zeros((batch, new_len), dtype=input_ids.dtype, device=input_ids.device)
+    out_mask = torch.zeros((batch, new_len), dtype=attention_mask.dtype, device=input_ids.device)
+    out_ids[rows[keep], new_index[keep]] = input_ids[keep]
+    out_mask[rows[keep], new_index[keep]] = attention_mask[keep]
+    out_labels = None
+    if labels is not None:
+        out_labels = torch.full((batch, new_len), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        out_labels[rows[keep], new_index[keep]] = labels[keep]
+    return StrippedInputs(out_ids, out_mask, out_labels)

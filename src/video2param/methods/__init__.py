@@ -3,7 +3,9 @@
 from .base import (
     LLMInfo,
     LowRank,
-    TextInputs,
+    Conditioning,
+    LLMReadout,
+    Prompt,
     TokenContext,
     VideoContext,
     VideoMethod,
@@ -14,6 +16,6 @@ from .base import (
 )
 
 __all__ = [
-    "LLMInfo", "LowRank", "TextInputs", "TokenContext", "VideoContext", "VideoMethod", "WeightContext",
+    "Conditioning", "LLMInfo", "LLMReadout", "LowRank", "Prompt", "TokenContext", "VideoContext", "VideoMethod", "WeightContext",
     "available_methods", "get_method", "register_method",
 ]

@@ -9,7 +9,9 @@ A method never touches the LLM itself; ``VideoModel`` routes the context to the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -64,6 +66,15 @@ class TokenContext(VideoContext):
         index = torch.as_tensor(index, device=self.embeds.device)
         mask = None if self.mask is None else self.mask[index]
         return TokenContext(self.embeds[index], mask)
+
+    def validate(self, hidden_size: int) -> None:
+        """ValueError unless the embeddings fit an LLM of width ``hidden_size`` and are finite floats."""
+        if self.embeds.shape[-1] != hidden_size:
+            raise ValueError(
+                f"context: TokenContext embeddings are {self.embeds.shape[-1]} wide but the LLM's hidden size is "
+                f"{hidden_size} (was the context made by another model?)"
+            )
+        _check_finite_float("TokenContext.embeds", self.embeds)
 
 
 @dataclass
@@ -127,14 +138,95 @@ class WeightContext(VideoContext):
         index = torch.as_tensor(index, device=first.A.device)
         return WeightContext({k: d.select(index) for k, d in self.deltas.items()})
 
+    def validate(self, layout: dict[str, tuple[int, int]]) -> None:
+        """ValueError unless the deltas cover exactly ``layout`` ({site key: (d_in, d_out)}) with finite floats.
+
+        A context made by a model with other target sites (other ``inject_every``, ``targets`` or base) must never
+        be applied partially.
+        """
+        missing = sorted(set(layout) - set(self.deltas))
+        extra = sorted(set(self.deltas) - set(layout))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"no delta for {len(missing)} site(s) of this model ({_few(missing)})")
+            if extra:
+                parts.append(f"{len(extra)} delta(s) for sites this model does not have ({_few(extra)})")
+            raise ValueError(
+                "context: this WeightContext was made for another adapter layout: " + "; ".join(parts)
+            )
+        for key, (d_in, d_out) in layout.items():
+            delta = self.deltas[key]
+            if delta.A.shape[-1] != d_in or delta.B.shape[1] != d_out:
+                raise ValueError(
+                    f"context: delta {key!r} maps {delta.A.shape[-1]} → {delta.B.shape[1]} features but the site "
+                    f"maps {d_in} → {d_out}"
+                )
+            _check_finite_float(f"WeightContext delta {key!r} A", delta.A)
+            _check_finite_float(f"WeightContext delta {key!r} B", delta.B)
+            if not math.isfinite(float(delta.scale)):
+                raise ValueError(f"context: delta {key!r} has a non-finite scale {delta.scale!r}")
+
+
+def _check_finite_float(what: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"context: {what} must be floating point, got {tensor.dtype}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"context: {what} contains NaN or inf")
+
+
+def _few(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", … (+{len(items) - limit})" if len(items) > limit else "")
+
 
 @dataclass
-class TextInputs:
-    """The prompt, for methods that condition on it (PPLLaVA, LinVT). Embeddings are the LLM's own."""
+class Prompt:
+    """The question a batch of videos is asked about: question tokens only, never the answer.
+
+    ``input_ids`` (B, L) are the prompt as given (padding, the ``<video>`` mark and, in training, the answer may be
+    among them); ``mask`` (B, L) is True exactly on the question's tokens. ``embeds`` are the LLM's own input
+    embeddings of ``input_ids`` (the mark's row is never looked up), ``texts`` the decoded question per sample.
+    The same question gives the same ``Prompt`` in training (teacher-forced, with labels) and in ``generate``.
+    """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None = None
+    mask: torch.Tensor
     embeds: torch.Tensor | None = None
+    texts: list[str] | None = None
+
+
+@dataclass
+class LLMReadout:
+    """What the frozen LLM computed while reading a video in context (deltas off).
+
+    ``hidden_states[l]`` (B, L, D) is the residual stream entering decoder layer l (before its norm), for
+    l = 0 .. num_layers-1; ``mask`` (B, L) is True on real (attended) positions.
+    """
+
+    hidden_states: tuple[torch.Tensor, ...]
+    mask: torch.Tensor
+
+
+# What a method may ask ``VideoModel`` for, besides the video features (see ``VideoMethod.needs``).
+NEEDS = frozenset({"prompt", "prompt_embeds", "prompt_text", "text_encoder", "llm_readout"})
+
+
+@dataclass
+class Conditioning:
+    """Everything besides the features that a method declared it needs; fields it did not declare stay None.
+
+    - ``prompt``: the question (``Prompt``; embeddings with ``prompt_embeds``, texts with ``prompt_text``);
+    - ``vision_views``: extra outputs of the vision tower by name (e.g. projected patch tokens);
+    - ``text_encoder``: the frozen text tower given to ``wrap_model(text_encoder=...)``;
+    - ``read_llm(context, prompt)``: runs the frozen LLM with a ``TokenContext`` spliced into ``prompt`` through
+      the library's one splice path, weight deltas off, and returns an ``LLMReadout``.
+    """
+
+    prompt: Prompt | None = None
+    vision_views: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_encoder: Any = None
+    read_llm: Callable[["TokenContext", torch.Tensor, torch.Tensor | None], LLMReadout] | None = None
 
 
 @dataclass
@@ -154,18 +246,21 @@ class NoOptions:
 
 
 class VideoMethod(nn.Module):
-    """Base class of a video method. Subclasses set ``name``, ``kind`` and (optionally) ``Options``.
+    """Base class of a video method. Subclasses set ``name``, ``kind`` and (optionally) ``Options`` and ``needs``.
 
-    ``encode(features, frame_mask, text)`` maps features (B, T, P, Dv) and a frame mask (B, T) (True = real frame)
-    to a ``VideoContext``. It must not depend on the other samples of the batch (answers must not change with
+    ``encode(features, frame_mask, cond)`` maps features (B, T, P, Dv) and a frame mask (B, T) (True = real frame)
+    to a ``VideoContext``; ``cond`` is a ``Conditioning`` holding what the method declared in ``needs`` (and
+    ``vision_views``). It must not depend on the other samples of the batch (answers must not change with
     batching). Token methods return a ``TokenContext`` whose embeddings have the LLM's hidden size; weight
     methods return a ``WeightContext`` with an entry for each key of ``llm.site_keys``.
+    A method never reaches into the LLM: what it needs of it comes through ``LLMInfo`` and ``Conditioning``.
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[Literal["tokens", "weights"]] = "tokens"
     Options: ClassVar[type] = NoOptions
-    uses_text: ClassVar[bool] = False  # True: encode() needs the prompt (TextInputs)
+    needs: ClassVar[frozenset[str]] = frozenset()  # any of NEEDS
+    vision_views: ClassVar[tuple[str, ...]] = ()  # extra vision-tower outputs by name
 
     def __init__(self, config: "VideoAdapterConfig", llm: LLMInfo) -> None:
         super().__init__()
@@ -192,13 +287,9 @@ class VideoMethod(nn.Module):
         return cls.Options(**options)
 
     def encode(
-        self, features: torch.Tensor, frame_mask: torch.Tensor | None = None, text: TextInputs | None = None
+        self, features: torch.Tensor, frame_mask: torch.Tensor | None = None, cond: Conditioning | None = None
     ) -> VideoContext:
         raise NotImplementedError
-
-    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups of parameters (for stage-wise training); default: everything in one group."""
-        return {self.name: list(self.parameters())}
 
 
 _REGISTRY: dict[str, type[VideoMethod]] = {}
@@ -217,6 +308,12 @@ def register_method(cls: type[VideoMethod] | None = None, *, name: str | None = 
             raise ValueError(f"register_method: {method_cls.__name__}.kind must be 'tokens' or 'weights'")
         if not dataclasses.is_dataclass(method_cls.Options):
             raise TypeError(f"register_method: {method_cls.__name__}.Options must be a dataclass")
+        unknown = set(method_cls.needs) - NEEDS
+        if unknown:
+            raise ValueError(
+                f"register_method: {method_cls.__name__}.needs has unknown entries {sorted(unknown)}; "
+                f"known: {', '.join(sorted(NEEDS))}"
+            )
         if key in _REGISTRY and _REGISTRY[key] is not method_cls and not overwrite:
             raise ValueError(f"register_method: a method named {key!r} is already registered")
         method_cls.name = key

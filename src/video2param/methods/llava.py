@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LLMInfo, TextInputs, TokenContext, VideoMethod, register_method
+from .base import Conditioning, LLMInfo, TokenContext, VideoMethod, register_method
 
 
 @dataclass
@@ -48,13 +48,8 @@ class LlavaMethod(VideoMethod):
             nn.init.normal_(self.temporal.weight, std=0.02)
         self.projector = nn.Sequential(nn.Linear(dv, d), nn.GELU(), nn.Linear(d, d))
 
-    def tokens_per_video(self, num_frames: int, num_patches: int) -> int:
-        side = math.isqrt(num_patches)
-        pooled = (side // self.options.spatial_pool) ** 2 if self.options.spatial_pool > 1 else num_patches
-        return num_frames * pooled
-
     def encode(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
-               text: TextInputs | None = None) -> TokenContext:
+               cond: Conditioning | None = None) -> TokenContext:
         b, t, p, dv = features.shape
         if t > self.config.num_frames and self.temporal is not None:
             raise ValueError(

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LLMInfo, LowRank, TextInputs, VideoMethod, WeightContext, register_method
+from .base import Conditioning, LLMInfo, LowRank, VideoMethod, WeightContext, register_method
+from .blocks import QueryBlock, project_frames, token_mask_from_frames
 
 
 @dataclass
@@ -64,15 +65,6 @@ def default_keep_ratios(depth: int, final: float = 0.6) -> list[float]:
     return [1.0] + [round(step, 6)] * (depth - 1)
 
 
-def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Fixed sinusoidal embedding of integer positions: (..., dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.float()[..., None] * freqs
-    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return F.pad(emb, (0, dim - 2 * half))
-
-
 def hierarchical_merge(queries: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None,
                        keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop the tokens already absorbed by the queries (HCM, papers/vipe.md eq. 9–10).
@@ -104,44 +96,6 @@ def hierarchical_merge(queries: torch.Tensor, tokens: torch.Tensor, token_mask: 
     return kept_tokens, kept_mask, kept
 
 
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        mask = None if context_mask is None else context_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
-
-
-class InjectionBlock(nn.Module):
-    """Pre-norm residual block: self-attention over the queries, cross-attention to the video, FFN."""
-
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
-        super().__init__()
-        self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = _Attention(dim, heads, dropout)
-        self.norm_cross = nn.LayerNorm(dim)
-        self.norm_video = nn.LayerNorm(dim)
-        self.cross_attn = _Attention(dim, heads, dropout)
-        self.norm_ffn = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
-
-    def forward(self, queries: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        h = self.norm_self(queries)
-        queries = queries + self.self_attn(h, h)
-        queries = queries + self.cross_attn(self.norm_cross(queries), self.norm_video(video), video_mask)
-        return queries + self.ffn(self.norm_ffn(queries))
-
-
 @register_method
 class VipeMethod(VideoMethod):
     """ViPE: perceptual queries → per-layer, per-role low-rank deltas (zero visual tokens at question time)."""
@@ -161,7 +115,7 @@ class VipeMethod(VideoMethod):
         self.frame_embedding = nn.Embedding(config.num_frames, dim)
         nn.init.normal_(self.frame_embedding.weight, std=0.02)
         self.queries = nn.Parameter(torch.randn(rank, dim) * 0.02)
-        self.blocks = nn.ModuleList(InjectionBlock(dim, opt.num_heads, opt.ffn_mult, opt.dropout) for _ in range(opt.depth))
+        self.blocks = nn.ModuleList(QueryBlock(dim, opt.num_heads, opt.ffn_mult, opt.dropout) for _ in range(opt.depth))
         self.final_norm = nn.LayerNorm(dim)
         # Perceptual weight generators: one projection Dv → d_in per site (W_v), one zero W_l (r × d_out) per site.
         self.to_A = nn.ModuleDict()
@@ -177,18 +131,8 @@ class VipeMethod(VideoMethod):
     def video_tokens(self, features: torch.Tensor, frame_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Project features and add positions: (B, T·P, dim) and the token mask (B, T·P)."""
         b, t, p, _ = features.shape
-        if t > self.config.num_frames:
-            raise ValueError(f"videos: {t} frames but the adapter was built for at most num_frames={self.config.num_frames}")
-        x = self.input_proj(features)
-        dim = x.shape[-1]
-        frames = torch.arange(t, device=x.device)
-        patches = torch.arange(p, device=x.device)
-        # Half the sinusoid channels encode time, the other half space; plus a learned per-frame vector.
-        pos = torch.cat([sinusoid(frames, dim // 2)[:, None, :].expand(t, p, -1),
-                         sinusoid(patches, dim - dim // 2)[None, :, :].expand(t, p, -1)], dim=-1)
-        x = x + pos.to(x.dtype) + self.frame_embedding.weight[:t, None, :].to(x.dtype)
-        mask = torch.ones((b, t), dtype=torch.bool, device=x.device) if frame_mask is None else frame_mask.bool()
-        return x.reshape(b, t * p, dim), mask[:, :, None].expand(b, t, p).reshape(b, t * p)
+        x = project_frames(features, self.input_proj, self.frame_embedding)
+        return x.reshape(b, t * p, -1), token_mask_from_frames(frame_mask, b, t, p, x.device)
 
     def perceptual_queries(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The Visual Injection Module: (B, T, P, Dv_in) → queries (B, r, dim)."""
@@ -201,7 +145,7 @@ class VipeMethod(VideoMethod):
         return self.final_norm(q)
 
     def encode(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
-               text: TextInputs | None = None) -> WeightContext:
+               cond: Conditioning | None = None) -> WeightContext:
         q = self.perceptual_queries(features, frame_mask)
         scale = self.config.scale
         deltas = {}
@@ -211,10 +155,6 @@ class VipeMethod(VideoMethod):
             B = self.W_l[name].t()[None]  # (1, d_out, r) = W_lᵀ, shared
             deltas[key] = LowRank(A, B, scale)
         return WeightContext(deltas)
-
-    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        injection = [p for n, p in self.named_parameters() if not n.startswith(("to_A.", "W_l."))]
-        return {"injection": injection, "generators": list(self.to_A.parameters()), "static": list(self.W_l.parameters())}
 
 
 def _param_name(key: str) -> str:
