@@ -61,3 +61,55 @@ def test_invalid_json_file(tmp_path):
 def test_split_kwargs_routes_options():
     cfg = VideoAdapterConfig.split_kwargs("vipe", {"rank": 8, "depth": 1, "hidden_dim": 32, "num_heads": 4})
     assert cfg.rank == 8 and cfg.options["depth"] == 1 and cfg.options["keep_ratios"] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_frames": 1e9}, r"num_frames: expected an int, got 1000000000.0 \(float\)"),
+        ({"num_frames": 10**9}, "num_frames: must be <= 16384"),
+        ({"rank": 10**6}, "rank: must be <= 2048"),
+        ({"vision_hidden_size": 2**20}, "vision_hidden_size: must be <= 16384"),
+        ({"inject_every": 10**6}, "inject_every: must be <= 4096"),
+        ({"inject_layers": [0, 10**6]}, r"inject_layers\[1\]: must be <= 4095"),
+        ({"alpha": float("inf")}, "alpha: expected a finite number, got inf"),
+        ({"alpha": float("nan")}, "alpha: expected a finite number, got nan"),
+        ({"alpha": "64"}, "alpha: expected a finite number, got '64' \\(str\\)"),
+        ({"targets": 5}, "targets: expected a list"),
+        ({"targets": ["q", 5]}, r"targets\[1\]: expected one of 'q', 'k', 'v', 'o', 'mlp', got 5 \(int\)"),
+        ({"rank": True}, r"rank: expected an int, got True \(bool\)"),
+        ({"method": 3}, r"method: expected a string, got 3 \(int\)"),
+        ({"options": [1]}, r"options: expected a dict"),
+        ({"method": "vipe", "options": {"merge": "false"}}, r"options.merge: expected a bool, got 'false' \(str\)"),
+        ({"method": "vipe", "options": {"keep_ratios": "ab"}}, r"options.keep_ratios: expected a list of finite numbers"),
+        ({"method": "vipe", "options": {"dropout": "x"}}, r"options.dropout: expected a finite number, got 'x' \(str\)"),
+        ({"method": "vipe", "options": {"depth": 2.0}}, r"options.depth: expected an int, got 2.0 \(float\)"),
+        ({"method": "llava", "options": {"temporal_embedding": 1}}, r"options.temporal_embedding: expected a bool"),
+    ],
+)
+def test_every_option_is_type_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VideoAdapterConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "good, bad, field",
+    [
+        ('"merge": true', '"merge": "false"', "options.merge"),
+        ('"alpha": 64.0', '"alpha": Infinity', "alpha"),
+        ('"num_frames": 32', '"num_frames": 1e9', "num_frames"),
+    ],
+)
+def test_bad_values_in_a_json_file_are_refused_at_load(tmp_path, good, bad, field):
+    text = VideoAdapterConfig(method="vipe", vision_hidden_size=8).to_json_string()
+    assert good in text
+    path = tmp_path / "cfg.json"
+    path.write_text(text.replace(good, bad))
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        VideoAdapterConfig.load(path)
+
+
+def test_json_lists_become_tuples_and_sorted_layers():
+    cfg = VideoAdapterConfig(targets=["q", "v"], inject_layers=(3, 1), alpha=3)
+    assert cfg.targets == ("q", "v") and cfg.inject_layers == [1, 3] and cfg.alpha == 3.0 and type(cfg.alpha) is float
+    assert VideoAdapterConfig(targets="k").targets == ("k",)

@@ -10,33 +10,58 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-ROLE_NAMES = ("q", "k", "v", "o", "mlp")
+from .validation import check_fields, check_kwargs
+
+Role = Literal["q", "k", "v", "o", "mlp"]
+ROLE_NAMES: tuple[str, ...] = get_args(Role)
+
+# Upper bounds: far above any real model, low enough that a typo (1e9 frames, rank 10**6) fails at once instead
+# of allocating gigabytes first.
+MAX_FRAMES = 16384
+MAX_VISION_WIDTH = 16384
+MAX_RANK = 2048
+MAX_LAYERS = 4096
 
 
 @dataclass
 class VideoAdapterConfig:
     """Settings of a video adapter on a causal LM.
 
-    A bad value raises ``ValueError`` naming the field. ``options`` holds the method's own settings; they are
-    checked against the method's ``Options`` dataclass (see ``video2param.methods``).
+    Every field is checked against its type annotation and bounds (``video2param.validation.check_fields``): a
+    bad value raises ``ValueError`` naming the field, e.g. ``rank: expected an int, got 8.0 (float)``.
+    ``options`` holds the method's own settings; they are checked against the method's ``Options`` dataclass
+    (see ``video2param.methods``).
     """
 
     method: str = field(default="vipe", metadata={"help": "Video method: one of the registered methods (llava, vipe, ...)."})
-    num_frames: int = field(default=32, metadata={"help": "Frames sampled per video (upper bound for temporal embeddings)."})
-    vision_hidden_size: int | None = field(
-        default=None, metadata={"help": "Width Dv of the video features; taken from the vision tower when one is given."}
+    num_frames: int = field(
+        default=32,
+        metadata={"help": "Frames sampled per video (upper bound for temporal embeddings).", "min": 1, "max": MAX_FRAMES},
     )
-    rank: int = field(default=64, metadata={"help": "Rank r of the low-rank deltas (weight-space methods)."})
-    alpha: float = field(default=64.0, metadata={"help": "Delta scale numerator: deltas are scaled by alpha / rank."})
+    vision_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": "Width Dv of the video features; taken from the vision tower when one is given.",
+                  "min": 1, "max": MAX_VISION_WIDTH},
+    )
+    rank: int = field(
+        default=64, metadata={"help": "Rank r of the low-rank deltas (weight-space methods).", "min": 1, "max": MAX_RANK}
+    )
+    alpha: float = field(
+        default=64.0, metadata={"help": "Delta scale numerator: deltas are scaled by alpha / rank.", "gt": 0}
+    )
     inject_every: int | None = field(
-        default=4, metadata={"help": "Weight-space methods: inject into every k-th decoder layer (None when inject_layers is set)."}
+        default=4,
+        metadata={"help": "Weight-space methods: inject into every k-th decoder layer (None when inject_layers is set).",
+                  "min": 1, "max": MAX_LAYERS},
     )
     inject_layers: list[int] | None = field(
-        default=None, metadata={"help": "Weight-space methods: explicit decoder layer indices (overrides inject_every)."}
+        default=None,
+        metadata={"help": "Weight-space methods: explicit decoder layer indices (overrides inject_every).",
+                  "min": 0, "max": MAX_LAYERS - 1},
     )
-    targets: tuple[str, ...] = field(
+    targets: tuple[Role, ...] = field(
         default=ROLE_NAMES, metadata={"help": "Roles that receive deltas: any of q, k, v, o, mlp."}
     )
     video_token: str = field(default="<video>", metadata={"help": "Placeholder marking where a video goes in a prompt."})
@@ -45,44 +70,37 @@ class VideoAdapterConfig:
     def __post_init__(self) -> None:
         from .methods.base import get_method  # late import: the registry imports this module
 
-        if not isinstance(self.method, str):
-            raise ValueError(f"method: expected a string, got {type(self.method).__name__}")
+        # The two normalisations a JSON file needs (lists for tuples) and a lone role given as a string.
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        elif isinstance(self.targets, list):
+            self.targets = tuple(self.targets)
+        if isinstance(self.inject_layers, tuple):
+            self.inject_layers = list(self.inject_layers)
+        check_fields(self, "")
         method_cls = get_method(self.method)  # raises ValueError listing the registered methods
-        _check_int("num_frames", self.num_frames, minimum=1)
-        if self.vision_hidden_size is not None:
-            _check_int("vision_hidden_size", self.vision_hidden_size, minimum=1)
-        _check_int("rank", self.rank, minimum=1)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise ValueError(f"alpha: expected a positive number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         if self.inject_layers is not None:
-            if not isinstance(self.inject_layers, (list, tuple)) or not self.inject_layers:
-                raise ValueError(f"inject_layers: expected a non-empty list of layer indices, got {self.inject_layers!r}")
-            for i in self.inject_layers:
-                _check_int("inject_layers", i, minimum=0)
+            if not self.inject_layers:
+                raise ValueError("inject_layers: expected a non-empty list of layer indices, got []")
             if len(set(self.inject_layers)) != len(self.inject_layers):
                 raise ValueError(f"inject_layers: duplicate layer index in {self.inject_layers}")
             self.inject_layers = sorted(self.inject_layers)
         elif self.inject_every is None:
             raise ValueError("inject_every: set inject_every or inject_layers")
-        if self.inject_every is not None:
-            _check_int("inject_every", self.inject_every, minimum=1)
-        if isinstance(self.targets, str):
-            self.targets = (self.targets,)
-        self.targets = tuple(self.targets)
         if not self.targets:
             raise ValueError("targets: at least one role is needed")
-        for role in self.targets:
-            if role not in ROLE_NAMES:
-                raise ValueError(f"targets: unknown role {role!r}; roles are {', '.join(ROLE_NAMES)}")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets: duplicate role in {self.targets}")
-        if not isinstance(self.video_token, str) or not self.video_token.strip():
+        if not self.video_token.strip():
             raise ValueError("video_token: expected a non-empty string")
-        if not isinstance(self.options, dict):
-            raise ValueError(f"options: expected a dict, got {type(self.options).__name__}")
-        # Validate (and fill defaults of) the method's own options now, not at first use.
-        self.options = dataclasses.asdict(method_cls.parse_options(self.options))
+        # Validate (and fill defaults of) the method's own options now, not at first use: types and bounds first
+        # (so the Options' own __post_init__ never meets a string where it expects a number), then the method's
+        # own rules, then the filled-in result once more (a __post_init__ may have computed defaults).
+        check_kwargs(method_cls.Options, self.options, "options")
+        parsed = method_cls.parse_options(self.options)
+        check_fields(parsed, "options")
+        self.options = dataclasses.asdict(parsed)
 
     @property
     def scale(self) -> float:
@@ -121,7 +139,7 @@ class VideoAdapterConfig:
     def load(cls, path: str | Path) -> "VideoAdapterConfig":
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"adapter config {path}: not valid JSON ({err})") from err
         return cls.from_dict(data)
 
@@ -133,7 +151,3 @@ class VideoAdapterConfig:
         options = {k: v for k, v in kwargs.items() if k not in common}
         return cls(method=method, options=options, **base)
 
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
