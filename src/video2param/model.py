@@ -214,16 +214,23 @@ class VideoModel(nn.Module):
                 for row, m in zip(input_ids, mask)]
 
     @torch.no_grad()
-    def read_llm(self, context: TokenContext, input_ids: torch.Tensor,
+    def read_llm(self, context: TokenContext, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None) -> LLMReadout:
         """Run the frozen LLM on ``input_ids`` with ``context`` spliced in (the token path), deltas off.
 
-        Returns the residual stream entering each decoder layer (hidden states 0..L-1) and the attention mask.
-        Used by methods that learn from the LLM's own reading of a video (Video2LoRA).
+        ``input_ids`` is the instruction around the video (its ``<video>`` mark, or the video goes after BOS);
+        None reads the video alone after BOS. Returns the residual stream entering each decoder layer (hidden
+        states 0..L-1) and the attention mask. Used by methods that learn from the LLM's own reading of a video
+        (Video2LoRA); the LLM and its outputs are untouched.
         """
         if not isinstance(context, TokenContext):
             raise ValueError(f"read_llm: needs a TokenContext, got {type(context).__name__}")
         context.validate(self.llm_info.hidden_size)
+        if input_ids is None:
+            bos = self._bos_token_id()
+            input_ids = torch.full((context.batch_size, 1), 0 if bos is None else bos, dtype=torch.long,
+                                   device=context.embeds.device)
+            attention_mask = None
         spliced = self._splice(input_ids, attention_mask, context, None)
         with use_weight_context(self._scope, None):
             out = self.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
@@ -397,11 +404,20 @@ class VideoModel(nn.Module):
 
     def _splice(self, input_ids, attention_mask, context: TokenContext, labels):
         video_token_id = self.video_token_id if self.video_token_id is not None else -1
+        spliced = splice_video_tokens(input_ids, attention_mask, context, self.llm.get_input_embeddings(),
+                                      video_token_id, bos_token_id=self._bos_token_id(), labels=labels)
+        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and spliced.input_ids.shape[1] > limit:
+            raise ValueError(
+                f"videos: the prompt ({input_ids.shape[1]} tokens) plus {context.num_tokens} video tokens makes "
+                f"{spliced.input_ids.shape[1]} positions, beyond the LLM's max_position_embeddings={limit}; "
+                "use fewer frames or a method with fewer visual tokens"
+            )
+        return spliced
+
+    def _bos_token_id(self) -> int | None:
         bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
-        if bos is None:
-            bos = getattr(self.llm.config, "bos_token_id", None)
-        return splice_video_tokens(input_ids, attention_mask, context, self.llm.get_input_embeddings(),
-                                   video_token_id, bos_token_id=bos, labels=labels)
+        return bos if bos is not None else getattr(self.llm.config, "bos_token_id", None)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:

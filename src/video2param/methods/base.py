@@ -226,7 +226,7 @@ class Conditioning:
     prompt: Prompt | None = None
     vision_views: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoder: Any = None
-    read_llm: Callable[["TokenContext", torch.Tensor, torch.Tensor | None], LLMReadout] | None = None
+    read_llm: Callable[..., LLMReadout] | None = None  # (context, input_ids=None, attention_mask=None)
 
 
 @dataclass
@@ -260,6 +260,8 @@ class VideoMethod(nn.Module):
     kind: ClassVar[Literal["tokens", "weights"]] = "tokens"
     Options: ClassVar[type] = NoOptions
     needs: ClassVar[frozenset[str]] = frozenset()  # any of NEEDS
+    # True when a fresh adapter leaves the LLM's outputs unchanged even with a video (zero-initialised deltas).
+    identity_at_birth: ClassVar[bool] = False
     vision_views: ClassVar[tuple[str, ...]] = ()  # extra vision-tower outputs by name
 
     def __init__(self, config: "VideoAdapterConfig", llm: LLMInfo) -> None:

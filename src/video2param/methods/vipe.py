@@ -103,6 +103,7 @@ class VipeMethod(VideoMethod):
     name = "vipe"
     kind = "weights"
     Options = VipeOptions
+    identity_at_birth = True  # W_l starts at zero
 
     def __init__(self, config, llm: LLMInfo) -> None:
         super().__init__(config, llm)
