@@ -154,9 +154,12 @@ class VideoModel(nn.Module):
         """Turn ``videos`` (features, pixels, paths, clips) into checked features (B,T,P,Dv) and a frame mask."""
         inputs = prepare_video_inputs(videos, frame_mask, vision=self.vision,
                                       feature_dim=self.config.vision_hidden_size, num_frames=self.config.num_frames)
-        dtype = next(self.method.parameters(), torch.empty(0)).dtype
+        dtype = self._method_dtype()
         return VideoInputs(inputs.features.to(device=self.device, dtype=dtype),
                            None if inputs.frame_mask is None else inputs.frame_mask.to(self.device))
+
+    def _method_dtype(self) -> torch.dtype:
+        return next(self.method.parameters(), torch.empty(0)).dtype
 
     def encode_video(self, videos: Any, frame_mask: torch.Tensor | None = None, *,
                      input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -191,6 +194,7 @@ class VideoModel(nn.Module):
             if "prompt_embeds" in needs:
                 # Masked positions (the mark, padding, answer) are looked up as id 0: never the mark's own row.
                 embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(~mask, 0))
+                embeds = embeds.to(self._method_dtype())  # the method computes in its own dtype (as for features)
             if "prompt_text" in needs:
                 texts = self._decode_questions(input_ids, mask)
             cond.prompt = Prompt(input_ids, mask, embeds, texts)
@@ -457,14 +461,25 @@ class VideoModel(nn.Module):
         return dict(self.method.state_dict())
 
     def save_pretrained(self, directory: str | Path, *, metrics: dict[str, float] | None = None) -> Path:
-        """Write the adapter (config JSON, safetensors, model card) atomically into ``directory``."""
-        from .hub import atomic_directory
-        from .model_card import render_model_card
+        """Write the adapter (config JSON, safetensors, model card) into ``directory`` (created if needed).
 
-        with atomic_directory(directory) as tmp:
-            card = render_model_card(self, metrics=metrics)
-            save_adapter(Path(tmp), self.config, self.adapter_state_dict(), self.fingerprint, card,
-                         extra={"vision_tower": _vision_name(self.vision), "metrics": metrics or {}})
+        Only those three files are written, each atomically; every other file in ``directory`` is left alone, and
+        a ``README.md`` that video2param did not write is kept. A save killed at any point leaves the previous
+        adapter or the new one loadable (docs/guarantees.md). Raises ``OSError`` naming the file that could not be
+        written, ``ValueError`` for metrics that are not finite numbers.
+        """
+        from .model_card import render_model_card
+        from .serialization import check_metrics
+
+        metrics = check_metrics(metrics)
+        fingerprint = self.fingerprint
+        vision_name = _vision_name(self.vision)
+        card = render_model_card(self.config, fingerprint, method_kind=self.method_kind,
+                                 num_parameters=sum(p.numel() for p in self.method.parameters()),
+                                 vision_name=vision_name, injected_layers=[s.layer for s in self.llm_info.sites],
+                                 metrics=metrics)
+        save_adapter(directory, self.config, self.adapter_state_dict(), fingerprint, card,
+                     extra={"vision_tower": vision_name, "metrics": metrics})
         return Path(directory)
 
     def save_base_model(self, directory: str | Path, **save_kwargs: Any) -> Path:
@@ -485,29 +500,45 @@ class VideoModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, llm: nn.Module, directory_or_repo_id: str | Path, *, vision: Any = None,
-                        tokenizer: Any = None, revision: str | None = None, token: str | None = None,
-                        cache_dir: str | Path | None = None, stage: Stage = "frozen", **hub_kwargs: Any) -> "VideoModel":
-        """Wrap ``llm`` with a saved adapter from a local directory or a Hub repo id."""
+                        tokenizer: Any = None, text_encoder: nn.Module | None = None, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | Path | None = None, stage: Stage = "frozen",
+                        allow_base_mismatch: bool = False, **hub_kwargs: Any) -> "VideoModel":
+        """Wrap ``llm`` with a saved adapter from a local directory or a Hub repo id.
+
+        Checked before ``llm`` is touched: the files (``read_adapter``), the base model's shapes, and a sample of
+        its weights. An adapter saved on another base model with the same shapes raises ``AdapterMismatchError``
+        unless ``allow_base_mismatch=True`` (then it loads with a warning). Any failure leaves ``llm`` as it was.
+        """
+        import warnings
+
         from .hub import resolve_adapter_dir
         from .serialization import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
 
+        if not isinstance(allow_base_mismatch, bool):
+            raise ValueError(f"allow_base_mismatch: expected a bool, got {allow_base_mismatch!r}")
         directory = resolve_adapter_dir(directory_or_repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                         required_files=(CONFIG_NAME, WEIGHTS_NAME), **hub_kwargs)
         loaded = read_adapter(Path(directory))
+        where = str(directory_or_repo_id)
         # Check the base model before wrapping it: a mismatch must leave `llm` untouched.
-        diffs = loaded.fingerprint.differences(BaseModelFingerprint.of(llm))
+        current = BaseModelFingerprint.of(llm)
+        diffs = loaded.fingerprint.differences(current)
         if diffs:
-            raise AdapterMismatchError(
-                f"adapter {directory_or_repo_id} was saved for another base model: " + "; ".join(diffs)
-            )
-        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, stage=stage)
-        expected = model.adapter_state_dict()
+            raise AdapterMismatchError(f"adapter {where} was saved for another base model: " + "; ".join(diffs))
+        if loaded.fingerprint.weights_match(current) is False:
+            message = (f"adapter {where} was saved for another base model with the same shapes: sampled weights "
+                       f"differ (adapter's base: {loaded.fingerprint.name or 'unnamed'}; this model: "
+                       f"{current.name or 'unnamed'})")
+            if not allow_base_mismatch:
+                raise AdapterMismatchError(message + "; pass allow_base_mismatch=True to load it anyway")
+            warnings.warn(message + "; loading anyway because allow_base_mismatch=True", UserWarning, stacklevel=2)
+        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, stage=stage)
         try:
-            check_state(expected, loaded.state, str(directory_or_repo_id))
-        except AdapterMismatchError:
-            model.unwrap()
+            check_state(model.adapter_state_dict(), loaded.state, where)
+            model.method.load_state_dict(loaded.state, strict=True)
+        except BaseException:
+            model.unwrap()  # leave the LLM exactly as it was passed in
             raise
-        model.method.load_state_dict(loaded.state, strict=True)
         return model
 
     def export_peft(self, video: Any, directory: str | Path, **kwargs: Any) -> Path:
