@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .validation import check_fields, check_kwargs
+from .methods import get_method
+from .validation import check_fields
 
 Role = Literal["q", "k", "v", "o", "mlp"]
 ROLE_NAMES: tuple[str, ...] = get_args(Role)
@@ -68,7 +69,6 @@ class VideoAdapterConfig:
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Method-specific options (see the method's Options)."})
 
     def __post_init__(self) -> None:
-        from .methods.base import get_method  # late import: the registry imports this module
 
         # The two normalisations a JSON file needs (lists for tuples) and a lone role given as a string.
         if isinstance(self.targets, str):
@@ -94,13 +94,8 @@ class VideoAdapterConfig:
             raise ValueError(f"targets: duplicate role in {self.targets}")
         if not self.video_token.strip():
             raise ValueError("video_token: expected a non-empty string")
-        # Validate (and fill defaults of) the method's own options now, not at first use: types and bounds first
-        # (so the Options' own __post_init__ never meets a string where it expects a number), then the method's
-        # own rules, then the filled-in result once more (a __post_init__ may have computed defaults).
-        check_kwargs(method_cls.Options, self.options, "options")
-        parsed = method_cls.parse_options(self.options)
-        check_fields(parsed, "options")
-        self.options = dataclasses.asdict(parsed)
+        # Validate (and fill defaults of) the method's own options now, not at first use (types, bounds, rules).
+        self.options = dataclasses.asdict(method_cls.parse_options(self.options))
 
     @property
     def scale(self) -> float:
@@ -109,8 +104,6 @@ class VideoAdapterConfig:
 
     def method_options(self):
         """The method's options as its typed ``Options`` dataclass."""
-        from .methods.base import get_method
-
         return get_method(self.method).parse_options(self.options)
 
     # ---- JSON round trip -------------------------------------------------------------------------------------

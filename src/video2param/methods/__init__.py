@@ -1,4 +1,7 @@
-"""Video methods: each file is one method; ``base`` holds the protocol, the contexts and the registry."""
+"""Video methods: each file is one method; ``base`` holds the protocol, the contexts and the registry.
+
+Importing this package registers the built-in methods (each module registers itself on import).
+"""
 
 from .base import (
     LLMInfo,
@@ -19,3 +22,6 @@ __all__ = [
     "Conditioning", "LLMInfo", "LLMReadout", "LowRank", "Prompt", "TokenContext", "VideoContext", "VideoMethod", "WeightContext",
     "available_methods", "get_method", "register_method",
 ]
+
+# The built-in methods, registered on import (after base, which they build on).
+from . import llava, vipe  # noqa: E402,F401

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from ..validation import check_fields, check_kwargs
+
 if TYPE_CHECKING:
     from ..config import VideoAdapterConfig
     from ..targets import TargetSite
@@ -280,13 +282,22 @@ class VideoMethod(nn.Module):
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
-        """Validate a dict of options against ``Options``; unknown keys raise ValueError naming them."""
+        """Validate a dict of options against ``Options``: unknown keys, types and bounds raise ValueError naming them.
+
+        Types and bounds are checked before ``Options`` is built (so its ``__post_init__`` never meets a string
+        where it expects a number) and again after (a ``__post_init__`` may fill in computed defaults).
+        """
+        if not isinstance(options, dict):
+            raise ValueError(f"options: expected a dict, got {type(options).__name__}")
         known = {f.name for f in dataclasses.fields(cls.Options)}
         unknown = sorted(set(options) - known)
         if unknown:
             hint = f"; options of {cls.name!r} are: {', '.join(sorted(known))}" if known else f"; {cls.name!r} has no options"
             raise ValueError(f"options: unknown option(s) {', '.join(unknown)} for method {cls.name!r}{hint}")
-        return cls.Options(**options)
+        check_kwargs(cls.Options, options, "options")
+        parsed = cls.Options(**options)
+        check_fields(parsed, "options")
+        return parsed
 
     def encode(
         self, features: torch.Tensor, frame_mask: torch.Tensor | None = None, cond: Conditioning | None = None
@@ -331,7 +342,6 @@ def unregister_method(name: str) -> None:
 
 def get_method(name: str) -> type[VideoMethod]:
     """The method class registered under ``name``; ValueError listing the available ones otherwise."""
-    _ensure_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -339,10 +349,5 @@ def get_method(name: str) -> type[VideoMethod]:
 
 
 def available_methods() -> list[str]:
-    _ensure_builtin_methods()
+    """Names of the registered methods (the built-ins register when ``video2param.methods`` is imported)."""
     return sorted(_REGISTRY)
-
-
-def _ensure_builtin_methods() -> None:
-    # Built-in methods register themselves on import; importing here keeps `get_method` usable on its own.
-    from . import llava, vipe  # noqa: F401
