@@ -112,16 +112,34 @@ def test_ready_context_and_dtype(tmp_path):
         torch.testing.assert_close(b[key].float(), a[key], atol=1e-2, rtol=1e-2)
 
 
-def test_export_replaces_a_previous_export(tmp_path):
+def test_export_replaces_its_own_files_and_keeps_the_others(tmp_path, caplog):
     vm = _trained_vipe("llama")
-    target = tmp_path / "lora"
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / "README.md").write_text("# My project\n")
     vm.export_peft(random_features(1, seed=1), target)
-    (target / "stale.txt").write_text("left over")
     first = load_file(str(target / "adapter_model.safetensors"))
     vm.export_peft(random_features(1, seed=2), target)
-    assert not (target / "stale.txt").exists()
     second = load_file(str(target / "adapter_model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert (target / "README.md").read_text() == "# My project\n"  # a card the user wrote is never overwritten
+    assert "not written by video2param" in caplog.text
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors", "notes.txt"]
+    PeftModel.from_pretrained(make_tiny_lm("llama"), target)  # and PEFT reads it
+
+
+def test_export_works_on_any_object_with_the_video_model_attributes(tmp_path):
+    from types import SimpleNamespace
+
+    vm = _trained_vipe("llama")
+    twin = SimpleNamespace(config=vm.config, llm_info=vm.llm_info, method_kind=vm.method_kind,
+                           fingerprint=vm.fingerprint, encode_video=vm.encode_video)
+    a = load_file(str(export_peft(twin, random_features(1, seed=3), tmp_path / "a") / "adapter_model.safetensors"))
+    b = load_file(str(vm.export_peft(random_features(1, seed=3), tmp_path / "b") / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------------- errors

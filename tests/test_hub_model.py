@@ -170,13 +170,16 @@ def _code_block(card: str) -> str:
     return card.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_model_card_loading_code_is_valid_python(tmp_path, tokenizer):
-    from types import SimpleNamespace
-
+def _card(vm, **kwargs) -> str:
     from video2param.model_card import render_model_card
 
+    return render_model_card(vm.config, vm.fingerprint, method_kind=vm.method_kind,
+                             num_parameters=sum(p.numel() for p in vm.method.parameters()), **kwargs)
+
+
+def test_model_card_loading_code_is_valid_python(tmp_path, tokenizer):
     features_only = _model(tokenizer)
-    card = render_model_card(features_only)
+    card = _card(features_only)
     assert "not recorded (features were given directly)" in card
     compile(_code_block(card), "card", "exec")
 
@@ -184,11 +187,46 @@ def test_model_card_loading_code_is_valid_python(tmp_path, tokenizer):
     llm.config._name_or_path = "test-org/tiny-llama"
     named = wrap_model(llm, method="vipe", vision_hidden_size=DV, num_frames=4, tokenizer=tokenizer,
                        **OPTIONS["vipe"])
-    named.vision = SimpleNamespace(name="test-org/tiny-clip")  # what a VisionEncoder loaded by name reports
-    code = _code_block(render_model_card(named, metrics={"accuracy": 0.5}))
+    code = _code_block(_card(named, vision_name="test-org/tiny-clip", metrics={"accuracy": 0.5}))
     compile(code, "card", "exec")
     assert 'AutoModelForCausalLM.from_pretrained("test-org/tiny-llama")' in code
     assert 'vision = VisionEncoder.from_pretrained("test-org/tiny-clip")' in code and "vision=vision" in code
+    llm.config._name_or_path = 'quote"and\\backslash'  # any name still gives valid code
+    compile(_code_block(_card(named)), "card", "exec")
+
+
+def test_saved_card_names_the_vision_tower(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    vm = _model(tokenizer)
+    vm.vision = SimpleNamespace(name="test-org/tiny-clip")  # what a VisionEncoder loaded by name reports
+    card = (vm.save_pretrained(tmp_path / "adapter") / "README.md").read_text()
+    assert 'VisionEncoder.from_pretrained("test-org/tiny-clip")' in card
+
+
+def _imported_modules(module) -> set[str]:
+    """Every module a source file imports, anywhere in it (TYPE_CHECKING blocks and function bodies included)."""
+    import ast
+    import inspect
+
+    package = module.__name__.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom):
+            base = package if node.level else ""
+            name = ".".join(p for p in (base, node.module or "") if p)
+            found |= {name} | {f"{name}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_model_card_and_export_never_import_the_model_module():
+    import video2param.export
+    import video2param.model_card
+
+    for module in (video2param.model_card, video2param.export):
+        assert "video2param.model" not in _imported_modules(module), module.__name__
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

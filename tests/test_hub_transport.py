@@ -1,9 +1,8 @@
-"""Hub transport (`video2param.hub`) against the loopback Hub: push, pull, pinning, safety, atomic writes."""
+"""Hub transport (`video2param.hub`) against the loopback Hub: push, pull, pinning, safety, error messages."""
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from hub_server import LoopbackHub, hub_server  # noqa: F401 - `hub_server` is a
 from video2param.hub import (
     ADAPTER_FILE_PATTERNS,
     AdapterNotFoundError,
-    atomic_directory,
     push_folder,
     resolve_adapter_dir,
 )
@@ -239,72 +237,20 @@ def test_adapter_patterns_are_safe_formats_only() -> None:
     assert set(ADAPTER_FILE_PATTERNS) == {"*.json", "*.safetensors", "README.md"}
 
 
-# ---------------------------------------------------------------------------------------------- atomic_directory
+# ---------------------------------------------------------------------------------------------- missing files
 
 
-def siblings(target: Path) -> list[str]:
-    return sorted(p.name for p in target.parent.iterdir() if p.name != target.name)
-
-
-def test_atomic_directory_creates_and_replaces(tmp_path: Path) -> None:
-    target = tmp_path / "out" / "adapter"  # parent is created on demand
-    with atomic_directory(target) as tmp:
-        assert tmp.is_dir() and tmp.parent == target.parent and not target.exists()
-        (tmp / "a.json").write_text("1")
-    assert read_tree(target) == {"a.json": b"1"}
-    (tmp_path / "plain").mkdir()  # published with the permissions of an ordinary directory, not mkdtemp's 0o700
-    assert target.stat().st_mode == (tmp_path / "plain").stat().st_mode
-
-    with atomic_directory(str(target)) as tmp:
-        (tmp / "b.json").write_text("2")
-        assert read_tree(target) == {"a.json": b"1"}  # the old version stays readable until the swap
-    assert read_tree(target) == {"b.json": b"2"}  # replaced, not merged
-    assert siblings(target) == []  # no temp or old directory left behind
-
-
-def test_atomic_directory_failure_keeps_previous_target(tmp_path: Path) -> None:
-    target = tmp_path / "adapter"
-    target.mkdir()
-    (target / "adapter_config.json").write_text('{"v": 1}')
-
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_directory(target) as tmp:
-            (tmp / "adapter_config.json").write_text('{"v": 2, "half": ')
-            raise RuntimeError("boom")
-    assert read_tree(target) == {"adapter_config.json": b'{"v": 1}'}
-    assert siblings(target) == []
-
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_directory(tmp_path / "fresh") as tmp:
-            raise RuntimeError("boom")
-    assert not (tmp_path / "fresh").exists() and siblings(target) == []
-
-
-def test_atomic_directory_rolls_back_when_the_swap_fails(tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "adapter"
-    target.mkdir()
-    (target / "keep.json").write_text("old")
-    real_rename = os.rename
-
-    def failing_rename(src, dst):
-        if Path(src).name.startswith(".adapter.tmp-"):
-            raise OSError("disk full")
-        real_rename(src, dst)
-
-    monkeypatch.setattr("video2param.hub.os.rename", failing_rename)
-    with pytest.raises(OSError, match="disk full"):
-        with atomic_directory(target) as tmp:
-            (tmp / "keep.json").write_text("new")
-    assert read_tree(target) == {"keep.json": b"old"}
-    assert siblings(target) == []
-
-
-def test_atomic_directory_rejects_a_file_target(tmp_path: Path) -> None:
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
-        with atomic_directory(tmp_path / "file"):
-            pass  # pragma: no cover - never entered
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+def test_missing_file_message_lists_the_top_level_only_and_is_short(tmp_path: Path) -> None:
+    deep = tmp_path / "tree"
+    for i in range(60):
+        (deep / f"dir{i:02d}" / "a" / "b").mkdir(parents=True)
+        (deep / f"dir{i:02d}" / "a" / "b" / "nested.json").write_text("{}")
+    (deep / "top.txt").write_text("x")
+    with pytest.raises(AdapterNotFoundError) as info:
+        resolve_adapter_dir(deep, required_files=("adapter_config.json",))
+    message = str(info.value)
+    assert "nested.json" not in message and "'dir00/'" in message and "(+41 more)" in message
+    assert len(message) < 600 and info.value.missing == ("adapter_config.json",)
 
 
 # ---------------------------------------------------------------------------------------------- the loopback Hub

@@ -21,22 +21,30 @@ exactly the sum of the role deltas.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
 
-from .methods.base import TokenContext, WeightContext
+from .methods.base import LLMInfo, TokenContext, WeightContext
+from .serialization import BaseModelFingerprint, save_file_pair
 from .targets import TargetSite
 
-if TYPE_CHECKING:
-    from .model import VideoModel
-
-__all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "ModuleLoRA", "export_peft", "module_loras", "peft_lora_config"]
+__all__ = [
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAME",
+    "ModuleLoRA",
+    "VideoModelLike",
+    "export_peft",
+    "module_loras",
+    "peft_lora_config",
+    "write_peft_lora",
+]
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,6 +52,17 @@ _CARD_NAME = "README.md"
 # PeftModelForCausalLM wraps the base model twice (PeftModel.base_model = LoraModel, LoraModel.model = the LLM);
 # saved keys carry that prefix with the adapter name removed.
 _KEY_PREFIX = "base_model.model."
+
+
+class VideoModelLike(Protocol):
+    """What `export_peft` uses of a ``VideoModel`` (any object with these attributes works)."""
+
+    config: Any  # .method (the method's name)
+    llm_info: LLMInfo  # .sites: the target sites of the LLM
+    method_kind: str
+    fingerprint: BaseModelFingerprint
+
+    def encode_video(self, videos: Any, frame_mask: torch.Tensor | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -112,17 +131,19 @@ def module_loras(context: WeightContext, sites: Sequence[TargetSite], sample: in
     return out
 
 
-def export_peft(vm: "VideoModel", video: Any, directory: str | Path, *, frame_mask: torch.Tensor | None = None,
+def export_peft(vm: VideoModelLike, video: Any, directory: str | Path, *, frame_mask: torch.Tensor | None = None,
                 uniform_rank: bool = True, dtype: torch.dtype = torch.float32,
                 base_model_name_or_path: str | None = None) -> Path:
     """Write one video's weight deltas as a PEFT LoRA adapter directory; returns the directory.
 
     Args:
-        vm: a ``VideoModel`` with a weight-space method (e.g. ``vipe``).
+        vm: a ``VideoModel`` with a weight-space method (e.g. ``vipe``), or any object with its ``config``,
+            ``llm_info``, ``method_kind``, ``fingerprint`` and ``encode_video`` (`VideoModelLike`).
         video: ONE video in any form ``vm.encode_video`` accepts (features (1, T, P, Dv), pixel frames with a vision
             tower, a file path, a clip), or a ready ``WeightContext`` of batch 1 (e.g. encoded with a prompt for a
             method that conditions on it).
-        directory: where to write; replaced atomically (a failed export leaves a previous directory untouched).
+        directory: where to write (created if needed). Only the LoRA's own files are replaced, each atomically;
+            other files in the directory are left alone (see `write_peft_lora`).
         frame_mask: (1, T) mask of real frames, as for ``encode_video``.
         uniform_rank: True (default): every module gets the same rank (the largest; smaller LoRAs are padded with
             zero rows, which changes nothing), the plainest form, which LoRA servers (vLLM, TGI, ...) read.
@@ -134,11 +155,31 @@ def export_peft(vm: "VideoModel", video: Any, directory: str | Path, *, frame_ma
     Raises:
         ValueError: a token-space method or context, more than one video, a context that does not fit the model,
             or a non-finite delta.
+        OSError: a file cannot be written (the message names it).
     """
-    from .hub import atomic_directory
-
     context = _one_video_context(vm, video, frame_mask)
-    loras = module_loras(context, vm.llm_info.sites)
+    sites = vm.llm_info.sites
+    loras = module_loras(context, sites)
+    layers = sorted({s.layer for s in sites if s.name in loras})
+    return write_peft_lora(loras, directory, method=vm.config.method, fingerprint=vm.fingerprint, layers=layers,
+                           uniform_rank=uniform_rank, dtype=dtype, base_model_name_or_path=base_model_name_or_path)
+
+
+def write_peft_lora(loras: dict[str, ModuleLoRA], directory: str | Path, *, method: str,
+                    fingerprint: BaseModelFingerprint, layers: Iterable[int], uniform_rank: bool = True,
+                    dtype: torch.dtype = torch.float32, base_model_name_or_path: str | None = None) -> Path:
+    """Write module LoRAs as a PEFT adapter directory (``adapter_config.json``, ``adapter_model.safetensors``,
+    ``README.md``); returns the directory.
+
+    The weights and the config are replaced as a pair (`video2param.serialization.save_file_pair`): each file
+    atomically, weights first, then the config, with a journal that lets the next export finish one that was
+    killed between the two. Other files in `directory` are never touched; a ``README.md`` not written by
+    video2param is kept.
+    """
+    if not loras:
+        raise ValueError("export: no module has a delta; there is nothing to export")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"export: dtype must be a floating torch.dtype, got {dtype!r}")
     ranks = {name: lora.rank for name, lora in loras.items()}
     r = max(ranks.values())
     tensors: dict[str, torch.Tensor] = {}
@@ -149,17 +190,19 @@ def export_peft(vm: "VideoModel", video: Any, directory: str | Path, *, frame_ma
             B = torch.cat([B, B.new_zeros(B.shape[0], r - lora.rank)], dim=1)
         tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
         tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
-    base_name = base_model_name_or_path if base_model_name_or_path is not None else vm.fingerprint.name
+    base_name = base_model_name_or_path if base_model_name_or_path is not None else fingerprint.name
     config = peft_lora_config(
         modules=sorted(loras), r=r, rank_pattern={} if uniform_rank else ranks,
         fan_in_fan_out=all(lora.transposed for lora in loras.values()), base_model_name_or_path=base_name,
     )
-    with atomic_directory(directory) as tmp:
-        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME),
-                  metadata={"format": "pt", "library": "video2param", "method": vm.config.method})
-        (tmp / _CARD_NAME).write_text(_render_card(vm, loras, r, uniform_rank, base_name), encoding="utf-8")
-    return Path(directory)
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    def write_weights(path: Path) -> None:
+        save_file(tensors, os.fspath(path), metadata={"format": "pt", "library": "video2param", "method": method})
+
+    card = _render_card(method, fingerprint, loras, sorted(set(layers)), r, uniform_rank, base_name)
+    return save_file_pair(directory, weights_name=PEFT_WEIGHTS_NAME, write_weights=write_weights,
+                          config_name=PEFT_CONFIG_NAME, make_config=lambda _digest: config_bytes, card=card)
 
 
 def peft_lora_config(modules: Iterable[str], r: int, *, rank_pattern: dict[str, int] | None = None,
@@ -195,7 +238,7 @@ def peft_lora_config(modules: Iterable[str], r: int, *, rank_pattern: dict[str, 
     }
 
 
-def _one_video_context(vm: "VideoModel", video: Any, frame_mask: torch.Tensor | None) -> WeightContext:
+def _one_video_context(vm: VideoModelLike, video: Any, frame_mask: torch.Tensor | None) -> WeightContext:
     if vm.method_kind != "weights":
         raise ValueError(
             f"export_peft: method {vm.config.method!r} puts the video into input tokens, not weights; only "
@@ -218,13 +261,11 @@ def _one_video_context(vm: "VideoModel", video: Any, frame_mask: torch.Tensor | 
     return context
 
 
-def _render_card(vm: "VideoModel", loras: dict[str, ModuleLoRA], r: int, uniform_rank: bool,
-                 base_name: str | None) -> str:
+def _render_card(method: str, fp: BaseModelFingerprint, loras: dict[str, ModuleLoRA], layers: list[int], r: int,
+                 uniform_rank: bool, base_name: str | None) -> str:
     from . import __version__
 
-    fp = vm.fingerprint
     base = base_name or f"a {fp.model_type} model (hidden {fp.hidden_size}, {fp.num_layers} layers)"
-    layers = sorted({s.layer for s in vm.llm_info.sites if s.name in loras})
     smallest = min(lora.rank for lora in loras.values())
     rank_note = f"{r} on every module" if uniform_rank else f"{smallest}–{r} per module"
     return "\n".join([
@@ -233,12 +274,12 @@ def _render_card(vm: "VideoModel", loras: dict[str, ModuleLoRA], r: int, uniform
         "tags:",
         "- lora",
         "- video2param",
-        f"- {vm.config.method}",
+        f"- {method}",
         "---",
         "",
         "# LoRA of one video",
         "",
-        f"The weight deltas that the video2param `{vm.config.method}` adapter computed for one video, exported as a "
+        f"The weight deltas that the video2param `{method}` adapter computed for one video, exported as a "
         "standard PEFT LoRA. With it, the base model answers questions about that video from text alone.",
         "",
         "| | |",
@@ -254,7 +295,7 @@ def _render_card(vm: "VideoModel", loras: dict[str, ModuleLoRA], r: int, uniform
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base_name or "<base model>"}")',
+        f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base_name or '<base model>')})",
         'model = PeftModel.from_pretrained(base, "<this repo or directory>")',
         "```",
         "",

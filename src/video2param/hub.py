@@ -1,4 +1,4 @@
-"""Hub transport for adapter folders: safe download, push, and atomic local writes.
+"""Hub transport for adapter folders: safe download and push.
 
 Model-agnostic: this module moves *folders* of adapter files (JSON configs, safetensors weights, a README) between
 disk and the Hugging Face Hub. What the files mean is the business of `video2param.model`.
@@ -10,12 +10,10 @@ left on the Hub, so loading an adapter can never execute or unpickle remote cont
 
 from __future__ import annotations
 
+import itertools
 import os
-import shutil
-import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
@@ -33,13 +31,17 @@ from huggingface_hub.utils import filter_repo_objects
 __all__ = [
     "ADAPTER_FILE_PATTERNS",
     "AdapterNotFoundError",
-    "atomic_directory",
     "push_folder",
     "resolve_adapter_dir",
 ]
 
 #: The only files moved to or from the Hub (fnmatch patterns on repo-relative paths; ``*`` spans folders).
 ADAPTER_FILE_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "README.md")
+
+# A "missing file" error lists what the folder holds: its top level only, and at most this many names, so pointing
+# the loader at a system directory gives a short message at once.
+_LISTED_FILES = 20
+_SCANNED_ENTRIES = 1000
 
 # Git and huggingface_hub bookkeeping folders inside a local folder; `upload_folder` never uploads them either.
 _BOOKKEEPING_PATTERNS = [".git/*", "*/.git/*", ".cache/huggingface/*", "*/.cache/huggingface/*"]
@@ -63,71 +65,6 @@ class AdapterNotFoundError(FileNotFoundError):
         self.missing = tuple(missing)
 
 
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Write a directory all-or-nothing.
-
-    Yields an empty temporary directory next to `target` (same filesystem, so renames are atomic). When the block
-    finishes without an exception, it takes the place of `target`: an existing `target` is first renamed aside,
-    the new directory renamed in, then the old one deleted. When the block raises, the temporary directory is
-    removed and an existing `target` is left untouched.
-
-    At every instant `target` is either absent, the complete old directory, or the complete new one, never
-    half-written: a crash between the two renames leaves `target` absent and the old copy in a hidden
-    ``.<name>.old-*`` sibling.
-
-    Raises:
-        NotADirectoryError: `target` exists and is not a directory.
-    """
-    target = Path(target).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"atomic_directory target {str(target)!r} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_sibling_dir(target, "tmp")
-    try:
-        yield tmp
-    except BaseException:  # also on KeyboardInterrupt / generator close: never leave the temp dir behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_sibling_dir(target: Path, kind: str) -> Path:
-    """Create a fresh hidden directory next to `target`.
-
-    Not `tempfile.mkdtemp`: its 0o700 mode would end up on the published directory; `os.mkdir` honours the umask
-    like any directory the user creates.
-    """
-    while True:
-        candidate = target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}")
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:  # pragma: no cover - 48 random bits colliding
-            continue
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, replacing an existing directory without ever exposing a partial one."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
-    # Two renames instead of os.replace: replacing a non-empty directory is not portable (fails on Windows and for
-    # non-empty targets on POSIX).
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)  # put the previous version back before reporting the failure
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _looks_like_local_path(value: str) -> bool:
     """True for strings that can only be paths: absolute, ``./``/``~`` prefixed, backslashes, or >1 slash."""
     return (
@@ -143,13 +80,31 @@ def _check_required(
 ) -> None:
     missing = [name for name in required_files if not (folder / name).is_file()]
     if missing:
-        present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         raise AdapterNotFoundError(
-            f"{where} is missing required file(s) {missing}; files found: {present or 'none'}",
+            f"{where} is missing required file(s) {missing}; it holds: {_top_level_listing(folder)}",
             location=location,
             revision=revision,
             missing=missing,
         )
+
+
+def _top_level_listing(folder: Path) -> str:
+    """A short, sorted list of the folder's top-level entries (folders end in ``/``); never recursive."""
+    try:
+        with os.scandir(folder) as entries:
+            scanned = list(itertools.islice(entries, _SCANNED_ENTRIES + 1))
+    except OSError as err:
+        return f"(cannot list it: {err.strerror or err})"
+    if not scanned:
+        return "nothing"
+    names = sorted(e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in scanned[:_SCANNED_ENTRIES])
+    more = len(scanned) > _SCANNED_ENTRIES
+    shown = ", ".join(repr(n) for n in names[:_LISTED_FILES])
+    if more:
+        shown += f", ... ({_SCANNED_ENTRIES}+ entries)"
+    elif len(names) > _LISTED_FILES:
+        shown += f", ... (+{len(names) - _LISTED_FILES} more)"
+    return "[" + shown + "]"
 
 
 def _adapter_files(names: Iterable[str]) -> list[str]:
