@@ -49,8 +49,9 @@ ARCHS = sorted(ARCHITECTURES)
 # q/k are not the raw projection outputs; for them q/k are checked by routing (perturbation) only.
 QK_TRANSFORMED = {"opt": "q scaled by head_dim**-0.5", "qwen3": "q/k RMSNorm", "gemma3_text": "q/k RMSNorm"}
 
-# How q/k/v are observed: most models call the shared attention interface; GPT-J calls its own `_attn`.
-# Bloom and Falcon have neither; they are checked against their own split methods instead.
+# How q/k/v are observed: models call the shared attention interface, except GPT-J in older transformers
+# releases, which calls its own `_attn` (used only where the attention module still has it; recent GPT-J code
+# goes through the interface). Bloom and Falcon have neither; they are checked against their own split methods.
 CAPTURE_BY_METHOD = {"gptj": "_attn"}
 NO_CAPTURE = {"bloom", "falcon"}
 CAPTURABLE = [a for a in ARCHS if a not in NO_CAPTURE]
@@ -79,11 +80,12 @@ def capture_attention(model: nn.Module, arch: str) -> Iterator[dict[nn.Module, d
         captured[module] = {"q": _flat_heads(query), "k": _flat_heads(key), "v": _flat_heads(value)}
         return query.transpose(1, 2).contiguous()
 
-    if arch in CAPTURE_BY_METHOD:
-        method = CAPTURE_BY_METHOD[arch]
+    method = CAPTURE_BY_METHOD.get(arch)
+    attn_modules = [(name, m) for name, m in model.named_modules() if name.endswith(".attn")]
+    if method is not None and any(hasattr(m, method) for _, m in attn_modules):
         patched = []
-        for name, module in model.named_modules():
-            if hasattr(module, method) and name.endswith(".attn"):
+        for _, module in attn_modules:
+            if hasattr(module, method):
                 def fake(query, key, value, attention_mask=None, *args, _module=module, **kwargs):
                     return record(_module, query, key, value).transpose(1, 2), None
 
