@@ -1,4 +1,5 @@
-"""video2param.video.cache: content-keyed safetensors feature cache; damaged entries are recomputed."""
+"""video2param.video.cache: content-keyed safetensors feature cache; damaged entries are recomputed; entries follow
+the encoder's weights; concurrent readers and writers never lose a valid entry."""
 
 from __future__ import annotations
 
@@ -120,7 +121,9 @@ def test_entry_is_safetensors_with_description(tmp_path, video):
         assert set(handle.keys()) == {"features", "timestamps"}
     description = json.loads(metadata["description"])
     assert description["source"] == str(video) and description["encoder"] == "enc"
-    assert not list(path.parent.glob(".tmp-*"))  # no temporary file left behind
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    (tmp_path / "probe").write_text("x")  # entries are as readable as any file (a cache may be shared)
+    assert path.stat().st_mode & 0o7777 == (tmp_path / "probe").stat().st_mode & 0o7777
     assert cache.clear() == 1 and cache.get(cache.key(video, SETTINGS, "enc")) is None
 
 
@@ -153,3 +156,88 @@ def test_encoder_encode_video_uses_the_cache(tmp_path, video, encoder):
     other = VisionEncoder(CLIPVisionModel(CLIPVisionConfig(**TOWER)))
     other.encode_video(video, num_frames=6, cache=cache)  # another encoder (weights differ)
     assert cache.misses == 3
+
+
+def test_a_read_never_deletes_an_entry_that_a_writer_just_put(tmp_path, video, monkeypatch):
+    reader, writer = FeatureCache(tmp_path / "cache"), FeatureCache(tmp_path / "cache")
+    key = reader.key(video, SETTINGS, "enc")
+    reader.entry_path(key).parent.mkdir(parents=True)
+    reader.entry_path(key).write_bytes(b"half-written by a crashed tool")
+    real_read = FeatureCache._read
+
+    def read_then_lose_the_race(self, path, key):
+        writer.put(key, Counter(3.0)())  # another process renames a valid entry into place meanwhile
+        raise ValueError("truncated header")  # ... while this read was looking at the damaged one
+
+    monkeypatch.setattr(FeatureCache, "_read", read_then_lose_the_race)
+    assert reader.get(key) is None and reader.corrupt == 1
+    monkeypatch.setattr(FeatureCache, "_read", real_read)
+    assert torch.equal(reader.get(key)["features"], torch.full((2, 3), 3.0))  # the writer's entry survived
+
+
+def test_concurrent_readers_and_writers_see_whole_entries(tmp_path, video):
+    import threading
+
+    key = FeatureCache(tmp_path / "cache").key(video, SETTINGS, "enc")
+    big = {"features": torch.randn(64, 49, 64), "timestamps": torch.arange(64, dtype=torch.float64)}
+    stop = threading.Event()
+    FeatureCache(tmp_path / "cache").put(key, big)
+
+    def write() -> None:
+        writer = FeatureCache(tmp_path / "cache")
+        while not stop.is_set():
+            writer.put(key, big)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    reader = FeatureCache(tmp_path / "cache")
+    try:
+        seen = [reader.get(key) for _ in range(200)]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert reader.corrupt == 0
+    assert all(entry is not None and torch.equal(entry["features"], big["features"]) for entry in seen)
+
+
+def _fresh_encoder(seed: int = 0) -> VisionEncoder:
+    torch.manual_seed(seed)
+    return VisionEncoder(CLIPVisionModel(CLIPVisionConfig(**TOWER)))
+
+
+@pytest.mark.parametrize("change", ["no_grad add_", "data copy_", "load_state_dict", "to dtype"])
+def test_cached_features_follow_weights_changed_in_place(tmp_path, video, change):
+    encoder = _fresh_encoder()
+    cache = FeatureCache(tmp_path / "cache")
+    before = encoder.encode_video(video, num_frames=4, cache=cache).features
+    identity = encoder.identity
+    weight = next(p for n, p in encoder.tower.named_parameters() if n.endswith("layers.0.mlp.fc1.weight"))
+    if change == "no_grad add_":
+        with torch.no_grad():
+            weight.add_(0.5)
+    elif change == "data copy_":  # invisible to the version counter
+        weight.data.copy_(torch.randn_like(weight))
+    elif change == "load_state_dict":
+        encoder.tower.load_state_dict(_fresh_encoder(seed=1).tower.state_dict())
+    else:
+        encoder.tower.to(torch.float64)
+    assert encoder.identity != identity
+    after = encoder.encode_video(video, num_frames=4, cache=cache)
+    assert cache.misses == 2 and cache.hits == 0
+    uncached = encoder.encode_video(video, num_frames=4)
+    torch.testing.assert_close(after.features, uncached.features)
+    assert not torch.allclose(after.features.float(), before.float())
+    encoder.encode_video(video, num_frames=4, cache=cache)
+    assert cache.hits == 1  # unchanged weights: the identity (and the key) is stable again
+
+
+def test_encoder_uses_its_own_cache_by_default(tmp_path, video):
+    cache = FeatureCache(tmp_path / "cache")
+    encoder = VisionEncoder(CLIPVisionModel(CLIPVisionConfig(**TOWER)), cache=cache)
+    encoder.encode_video(video, num_frames=4)
+    encoder.encode_video(video, num_frames=4)
+    assert (cache.misses, cache.hits) == (1, 1)
+    with pytest.raises(ValueError, match="cache must be a FeatureCache"):
+        VisionEncoder(CLIPVisionModel(CLIPVisionConfig(**TOWER)), cache=str(tmp_path))
+    with pytest.raises(ValueError, match="num_frames must be a positive integer"):
+        encoder.encode_video(video, num_frames=0)  # checked before the file is hashed for the key

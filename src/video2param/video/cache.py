@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .encoder import tensor_digest
+from ..atomic_files import remove_stale_temporaries, write_atomically
+from .digest import tensor_digest
 
 __all__ = ["FeatureCache", "CACHE_FORMAT", "CACHE_VERSION"]
 
@@ -119,19 +119,21 @@ class FeatureCache:
     # -- entries ---------------------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        """The entry for ``key``, or None when absent. A damaged entry is deleted and reported as absent."""
+        """The entry for ``key``, or None when absent or damaged (counted in ``corrupt``).
+
+        Nothing is deleted here: the file may be another process's entry, renamed into place after this read
+        began; a damaged entry is replaced by the next :meth:`put` of the same key instead.
+        """
         path = self.entry_path(key)
         if not path.is_file():
             return None
         try:
             return self._read(path, key)
+        except FileNotFoundError:  # removed since the check (clear() elsewhere): a plain miss
+            return None
         except Exception as exc:  # any failure to read or verify means: do not trust it
             self.corrupt += 1
-            logger.warning("feature cache entry %s is corrupt (%s); recomputing", path, exc)
-            try:
-                path.unlink()
-            except OSError:
-                pass
+            logger.warning("feature cache entry %s is corrupt (%s); recomputing it", path, exc)
             return None
 
     def _read(self, path: Path, key: str) -> Entry:
@@ -173,15 +175,10 @@ class FeatureCache:
         }
         path = self.entry_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        # Temporary file + os.replace (normal file permissions, so a shared cache stays readable by all its users).
+        write_atomically(path, lambda temporary: save_file(tensors, os.fspath(temporary), metadata=metadata))
+        # Temporaries of killed writers of this entry; an hour old at least, as a live writer may own a young one.
+        remove_stale_temporaries(path.parent, [path.name], locked=False)
         return path
 
     def get_or_compute(
@@ -210,7 +207,12 @@ class FeatureCache:
         """Delete every entry; returns how many were removed."""
         removed = 0
         for entry in self.directory.glob("*/*.safetensors"):
-            entry.unlink()
+            if entry.name.startswith("."):
+                continue  # a temporary file of a writer
+            try:
+                entry.unlink()
+            except FileNotFoundError:  # another process cleared it first
+                continue
             removed += 1
         return removed
 

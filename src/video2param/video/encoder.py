@@ -21,16 +21,15 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .io import VideoClip, VideoReader
-
-if TYPE_CHECKING:
-    from .cache import FeatureCache
+from .cache import FeatureCache
+from .digest import tensor_digest, weights_signature
+from .io import VideoClip, VideoReader, check_sampling_args
 
 __all__ = [
     "VisionEncoder",
@@ -258,18 +257,6 @@ def _is_square(n: int) -> bool:
     return n > 0 and int(round(n**0.5)) ** 2 == n
 
 
-def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """blake2b over names, dtypes, shapes and raw bytes of named tensors (order as given)."""
-    digest = hashlib.blake2b(digest_size=32)
-    for name, tensor in tensors:
-        tensor = tensor.detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.reshape(-1).contiguous()
-        if flat.numel():
-            digest.update(flat.cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class VisionEncoder(nn.Module):
     """Frozen vision tower → per-frame patch features ``(T, P, Dv)``.
 
@@ -288,6 +275,8 @@ class VisionEncoder(nn.Module):
         chunk_size: frames per forward pass; bounds peak memory independently of the video length.
         progress: tqdm progress bar; ``None`` shows it from :data:`PROGRESS_MIN_FRAMES` frames on.
         preprocessing: an HF image processor, its config dict, or a :class:`FramePreprocessing`.
+        cache: a :class:`FeatureCache` that :meth:`encode_video` uses for video files by default (so a model
+            built with ``wrap_model(..., vision=encoder)`` caches the features of every file it is given).
 
     The tower is frozen (``requires_grad=False``) and stays in eval mode even if ``.train()`` is called.
     Features come out in the tower's dtype on the tower's device.
@@ -305,8 +294,11 @@ class VisionEncoder(nn.Module):
         chunk_size: int = 32,
         progress: bool | None = None,
         preprocessing: FramePreprocessing | Mapping[str, Any] | Any | None = None,
+        cache: FeatureCache | None = None,
     ) -> None:
         super().__init__()
+        if cache is not None and not isinstance(cache, FeatureCache):
+            raise ValueError(f"cache must be a FeatureCache or None, got {type(cache).__name__}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if hidden_layer is not None and (isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int)):
@@ -317,7 +309,9 @@ class VisionEncoder(nn.Module):
         self.hidden_layer = hidden_layer
         self.chunk_size = chunk_size
         self.progress = progress
+        self.cache = cache
         self._identity: str | None = None
+        self._identity_signature: str | None = None  # weights_signature() the identity was computed for
 
         config = getattr(self.tower, "config", None)
         self.model_type: str | None = getattr(config, "model_type", None)
@@ -430,8 +424,14 @@ class VisionEncoder(nn.Module):
         """Stable string naming what produces the features (for cache keys).
 
         Tower class, a hash of its config, a hash of its weights, the hidden layer, the dropped prefix
-        tokens, the preprocessing and the dtype. Computed once (hashing the weights reads them all).
+        tokens, the preprocessing and the dtype. Hashing the weights reads them all, so it is redone only when
+        a cheap signature of the weights (storage, version counters, a few values each) changes: after
+        ``load_state_dict``, an optimizer step, ``.to(...)`` or any in-place edit, the identity (and so every cache
+        key) follows the weights actually used.
         """
+        signature = weights_signature(self.tower.state_dict(keep_vars=True))
+        if signature != self._identity_signature:
+            self._identity, self._identity_signature = None, signature
         if self._identity is None:
             config = getattr(self.tower, "config", None)
             if config is not None and hasattr(config, "to_dict"):
@@ -588,18 +588,27 @@ class VisionEncoder(nn.Module):
         *,
         size: int | tuple[int, int] | None = None,
         source_fps: float | None = None,
-        cache: "FeatureCache | None" = None,
+        cache: FeatureCache | None = None,
     ) -> EncodedVideo:
         """Decode and encode a video without holding all its frames: memory is the features plus a chunk.
 
-        Arguments as :func:`video2param.video.load_video`. With ``cache`` (a :class:`FeatureCache`) and a
-        file path source, features are read from / written to the cache.
+        Arguments as :func:`video2param.video.load_video`; ``source`` may also be a :class:`VideoClip`, whose
+        frames are encoded as they are (they were sampled already). With a cache (``cache=``, else the encoder's
+        own ``cache``) and a file path source, features are read from / written to the cache.
         """
+        if isinstance(source, VideoClip):
+            return EncodedVideo(self.encode_frames(source), source.timestamps, source.source, source.fps,
+                                source.duration)
+        if cache is not None and not isinstance(cache, FeatureCache):
+            raise ValueError(f"cache must be a FeatureCache or None, got {type(cache).__name__}")
+        cache = cache if cache is not None else self.cache
         if cache is not None and isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+            check_sampling_args(num_frames, fps, start, end, size)  # before hashing the file for the key
             settings = {"num_frames": num_frames, "fps": fps, "start": start, "end": end, "size": size}
 
             def compute() -> dict[str, Any]:
-                encoded = self.encode_video(source, num_frames, fps, start, end, size=size)
+                with VideoReader(source, num_frames, fps, start, end, size=size) as reader:
+                    encoded = self._encode_stream(reader)
                 return {
                     "features": encoded.features,
                     "timestamps": encoded.timestamps,

@@ -40,6 +40,7 @@ __all__ = [
     "SampledFrame",
     "DecodeStats",
     "VideoReader",
+    "check_sampling_args",
     "load_video",
     "sample_times",
     "DENSE_SAMPLING_RATIO",
@@ -130,7 +131,7 @@ def _import_av():
     return av
 
 
-def _check_args(num_frames, fps, start, end, size) -> tuple[int | None, float | None, float | None, float | None]:
+def check_sampling_args(num_frames, fps, start, end, size) -> tuple[int | None, float | None, float | None, float | None]:
     if num_frames is not None:
         if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer or None, got {num_frames!r}")
@@ -325,7 +326,7 @@ class VideoReader:
         size: int | tuple[int, int] | None = None,
         source_fps: float | None = None,
     ) -> None:
-        self.num_frames_arg, self.sample_fps, self.start, self.end = _check_args(num_frames, fps, start, end, size)
+        self.num_frames_arg, self.sample_fps, self.start, self.end = check_sampling_args(num_frames, fps, start, end, size)
         self.size = _parse_size(size)
         self.source_name = _describe(source)
         self.stats = DecodeStats()
