@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import io
+import re
 import sys
 
 import numpy as np
@@ -22,6 +23,7 @@ from video2param.video.io import (  # noqa: E402
     VideoClip,
     VideoDecodeError,
     VideoFileNotFoundError,
+    VideoPermissionError,
     VideoReader,
     load_video,
     sample_times,
@@ -62,6 +64,7 @@ WRITERS = {
     "avi-mjpeg": (vf.write_mjpeg_avi, "avi"),
     "gif": (vf.write_gif, "gif"),
     "mp4-av1": (vf.write_av1, "mp4"),
+    "y4m": (vf.write_y4m, "y4m"),
 }
 
 
@@ -326,6 +329,85 @@ def test_directory_and_empty_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(VideoDecodeError, match="empty.mp4: the file is empty"):
         load_video(empty)
+
+
+def test_symlinks_and_special_files_get_accurate_messages(tmp_path):
+    import os
+
+    loop_a, loop_b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    with pytest.raises(VideoDecodeError, match=r"a.mp4: cannot be opened: too many levels of symbolic links") as info:
+        load_video(loop_a)
+    assert not isinstance(info.value, FileNotFoundError)  # the file is not missing: the link goes round in circles
+    dangling = tmp_path / "dangling.mp4"
+    dangling.symlink_to(tmp_path / "gone.mp4")
+    with pytest.raises(VideoFileNotFoundError, match=r"dangling.mp4: is a broken symbolic link .*gone.mp4"):
+        load_video(dangling)
+    with pytest.raises(VideoFileNotFoundError, match=r"no such file \(the directory .*nowhere' does not exist\)"):
+        load_video(tmp_path / "nowhere" / "clip.mp4")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(VideoDecodeError, match="a component of the path is a file, not a directory"):
+        load_video(tmp_path / "file" / "clip.mp4")
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(VideoDecodeError, match=r"pipe.mp4: is a named pipe \(FIFO\), not a regular file"):
+        load_video(fifo)  # (opening it would block forever)
+
+
+def test_unreadable_file_is_a_permission_error(tmp_path):
+    import os
+
+    locked = vf.write_mp4(tmp_path / "locked.mp4", 4, FPS)
+    os.chmod(locked, 0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("running with privileges that ignore file permissions (root)")
+        with pytest.raises(VideoPermissionError, match="locked.mp4: permission denied"):
+            load_video(locked)
+    finally:
+        os.chmod(locked, 0o644)
+
+
+def test_permission_denied_is_reported_as_such(tmp_path, monkeypatch):
+    import errno
+
+    import video2param.video.io as video_io
+
+    path = vf.write_mp4(tmp_path / "locked.mp4", 4, FPS)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(video_io, "open", denied, raising=False)  # as for a file of another user, even as root
+    with pytest.raises(VideoPermissionError, match="locked.mp4: permission denied") as info:
+        load_video(path)
+    assert isinstance(info.value, PermissionError) and isinstance(info.value, VideoDecodeError)
+
+
+def test_y4m_decodes_from_a_path_and_from_bytes(tmp_path):
+    path = vf.write_y4m(tmp_path / "raw.y4m", 30, FPS)
+    from_path = load_video(path, num_frames=5)
+    from_bytes = load_video(open(path, "rb").read(), num_frames=5)
+    assert torch.equal(from_path.frames, from_bytes.frames) and _indices(from_path) == [3, 9, 15, 21, 27]
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"YUV4MPEG2 W0 H0 F24:1", "frame size 0x0 is not a valid picture size"),
+        (b"YUV4MPEG2 W100000 H100000 F24:1", "frame size 100000x100000 is not a valid picture size"),
+        (b"YUV4MPEG2 F24:1", r"no frame size \(W and H are required\)"),
+    ],
+)
+def test_y4m_with_a_bad_header_says_so(tmp_path, header, message):
+    path = tmp_path / "bad.y4m"
+    path.write_bytes(header + b"\n" + (b"FRAME\n" + bytes(64 * 48 * 3 // 2)) * 3)
+    with pytest.raises(VideoDecodeError) as info:
+        load_video(path)
+    text = str(info.value)
+    assert "bad.y4m: not a readable video file (invalid YUV4MPEG2 header: " in text
+    assert re.search(message, text) and "Device or resource busy" not in text
 
 
 def test_text_file_renamed_mp4(tmp_path):

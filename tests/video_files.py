@@ -125,6 +125,13 @@ def write_gif(path, num_frames: int = 32, fps: int = 24, **kw) -> str:
     return write_video(path, "gif", num_frames, fps, **kw)
 
 
+def write_y4m(path, num_frames: int = 32, fps: int = 24, **kw) -> str:
+    """Uncompressed YUV4MPEG2 (the raw format of many video tools); every frame is a keyframe, no index."""
+    kw.setdefault("pix_fmt", "yuv420p")
+    kw.setdefault("container_format", "yuv4mpegpipe")
+    return write_video(path, "rawvideo", num_frames, fps, **kw)
+
+
 AV1_ENCODERS = ("libaom-av1", "libsvtav1", "librav1e")
 
 

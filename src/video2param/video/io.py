@@ -20,10 +20,12 @@ Sampling rule (see docs/video.md):
 from __future__ import annotations
 
 import bisect
+import errno
 import io as _io
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,6 +38,7 @@ import torch
 __all__ = [
     "VideoDecodeError",
     "VideoFileNotFoundError",
+    "VideoPermissionError",
     "VideoClip",
     "SampledFrame",
     "DecodeStats",
@@ -64,6 +67,10 @@ class VideoDecodeError(ValueError):
 
 class VideoFileNotFoundError(VideoDecodeError, FileNotFoundError):
     """The video file does not exist (also a ``FileNotFoundError``)."""
+
+
+class VideoPermissionError(VideoDecodeError, PermissionError):
+    """The video file exists but may not be read (also a ``PermissionError``)."""
 
 
 @dataclass
@@ -132,6 +139,8 @@ def _import_av():
 
 
 def check_sampling_args(num_frames, fps, start, end, size) -> tuple[int | None, float | None, float | None, float | None]:
+    """Validate the sampling arguments of :func:`load_video` (ValueError naming the argument); return them
+    normalised: ``(num_frames, fps, start, end)`` as int/float or None."""
     if num_frames is not None:
         if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer or None, got {num_frames!r}")
@@ -279,6 +288,107 @@ def _frames_from_array(source, desc: str) -> torch.Tensor:
     raise ValueError(f"{desc}: frames must be uint8 (0..255) or float in [0, 1], got dtype {tensor.dtype}")
 
 
+# Bytes read from the start of a file: enough for a YUV4MPEG2 header line, used to explain a failed open.
+_HEAD_BYTES = 256
+
+_FILE_KINDS = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+# Operating-system error codes that describe a real problem when FFmpeg reports them while opening a file we could
+# read; any other code from a demuxer (e.g. "Device or resource busy" for a YUV4MPEG2 file with a bad frame size,
+# an arithmetic slip inside FFmpeg) says nothing about the file and is not repeated as if it did.
+_TRUE_OPEN_ERRNOS = {errno.EIO, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ENOENT}
+
+
+def _check_video_file(path: Path, desc: str) -> bytes:
+    """Check that `path` is a readable regular, non-empty file; return its first bytes.
+
+    Every failure is a VideoDecodeError that says what is wrong with the path (a symlink loop is not a missing
+    file, a FIFO would block forever, ...).
+    """
+    try:
+        info = os.stat(path)  # follows symlinks
+    except OSError as err:
+        raise _path_error(path, desc, err) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise VideoDecodeError(f"{desc}: is a directory, not a video file")
+    for is_kind, kind in _FILE_KINDS:
+        if is_kind(info.st_mode):
+            raise VideoDecodeError(
+                f"{desc}: is a {kind}, not a regular file; to read a stream, pass an open binary file object"
+            )
+    if info.st_size == 0:
+        raise VideoDecodeError(f"{desc}: the file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(_HEAD_BYTES)
+    except OSError as err:
+        raise _path_error(path, desc, err) from None
+
+
+def _path_error(path: Path, desc: str, err: OSError) -> VideoDecodeError:
+    code = err.errno
+    if code == errno.ENOENT:
+        if os.path.islink(path):
+            return VideoFileNotFoundError(
+                f"{desc}: is a broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+            )
+        parent = path.parent
+        if not parent.exists():
+            return VideoFileNotFoundError(f"{desc}: no such file (the directory {os.fspath(parent)!r} does not exist)")
+        return VideoFileNotFoundError(f"{desc}: no such file")
+    if code == errno.ELOOP:
+        return VideoDecodeError(f"{desc}: cannot be opened: too many levels of symbolic links (a symlink loop)")
+    if code in (errno.EACCES, errno.EPERM):
+        return VideoPermissionError(f"{desc}: permission denied (the file exists but may not be read)")
+    if code == errno.ENOTDIR:
+        return VideoDecodeError(f"{desc}: a component of the path is a file, not a directory")
+    if code == errno.ENAMETOOLONG:
+        return VideoDecodeError(f"{desc}: the file name is too long")
+    return VideoDecodeError(f"{desc}: cannot be read ({err.strerror or err})")
+
+
+def _open_failure(exc: BaseException, head: bytes) -> str:
+    """Why FFmpeg could not open a source, in words that describe the source."""
+    if head.startswith(b"YUV4MPEG2"):
+        problem = _y4m_header_problem(head)
+        if problem:
+            return problem
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code not in _TRUE_OPEN_ERRNOS and not isinstance(exc, _invalid_data_error()):
+        return f"its header could not be parsed; FFmpeg error code {-code}"
+    return _av_reason(exc)
+
+
+def _invalid_data_error() -> type:
+    try:
+        import av
+
+        return av.error.InvalidDataError
+    except (ImportError, AttributeError):  # pragma: no cover
+        return type(None)
+
+
+def _y4m_header_problem(head: bytes) -> str | None:
+    """What is wrong with a YUV4MPEG2 header line, or None when nothing obvious is."""
+    line = head.split(b"\n", 1)[0]
+    if b"\n" not in head:
+        return "invalid YUV4MPEG2 header: no end of line in its first 256 bytes"
+    fields = {}
+    for token in line.split()[1:]:
+        fields.setdefault(chr(token[0]), token[1:].decode("ascii", "replace"))
+    try:
+        width, height = int(fields["W"]), int(fields["H"])
+    except KeyError:
+        return "invalid YUV4MPEG2 header: no frame size (W and H are required)"
+    except ValueError:
+        return f"invalid YUV4MPEG2 header: frame size W{fields.get('W')} H{fields.get('H')} is not a number"
+    # FFmpeg's av_image_check_size: positive, and (w + 128) * (h + 128) < INT_MAX / 8.
+    if width <= 0 or height <= 0 or (width + 128) * (height + 128) >= (2**31 - 1) // 8:
+        return f"invalid YUV4MPEG2 header: frame size {width}x{height} is not a valid picture size"
+    return None
+
+
 _DURATION_TAG = re.compile(r"^(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
 
 
@@ -369,18 +479,14 @@ class VideoReader:
         av = _import_av()
         self._av = av
         desc = self.source_name
+        head = b""
         if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.exists():
-                raise VideoFileNotFoundError(f"{desc}: no such file")
-            if path.is_dir():
-                raise VideoDecodeError(f"{desc}: is a directory, not a video file")
-            if path.stat().st_size == 0:
-                raise VideoDecodeError(f"{desc}: the file is empty (0 bytes)")
-            source = os.fspath(path)
+            head = _check_video_file(Path(source), desc)
+            source = os.fspath(source)
         elif isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
                 raise VideoDecodeError(f"{desc}: empty bytes")
+            head = bytes(source[:_HEAD_BYTES])
             source = _io.BytesIO(bytes(source))
         elif not hasattr(source, "read"):
             raise ValueError(
@@ -391,7 +497,7 @@ class VideoReader:
         try:
             self._container = av.open(source, mode="r", metadata_errors="ignore")
         except av.FFmpegError as exc:
-            raise VideoDecodeError(f"{desc}: not a readable video file ({_av_reason(exc)})") from exc
+            raise VideoDecodeError(f"{desc}: not a readable video file ({_open_failure(exc, head)})") from exc
         try:
             self._init_stream()
         except BaseException:
