@@ -9,6 +9,8 @@ round trip; generate agrees with forward; no dead parameters within two optimise
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,8 @@ DEFAULT: dict[str, Any] = {"rank": 4, "inject_every": 2}
 SETTINGS: dict[str, dict[str, Any]] = {
     "vipe": {"rank": 4, "inject_every": 2, "options": {"hidden_dim": 16, "depth": 2, "num_heads": 2}},
     "pooled_delta_test": {"rank": 2, "inject_every": 2},
+    "video2lora": {"rank": 2, "inject_every": 2, "options": {"latent_dim": 16, "num_latents": 4, "depth": 2,
+                   "num_heads": 2, "head_dim": 8, "kv_heads": 1, "ffn_mult": 2, "input_mult": 2, "head_hidden": 32}},
 }
 METHODS = available_methods()
 PROMPTS = ["<video> what colour is the object ?", "<video> which way does it move ?", "<video> what shape ?"]
@@ -39,14 +43,33 @@ def _tokenizer():
     return tok
 
 
+_TEACHERS = tempfile.TemporaryDirectory(prefix="v2p-conformance-teachers-")  # removed at interpreter exit
+
+
+def _llava_teacher(llm, tok, arch: str, dtype: torch.dtype) -> dict[str, Any]:
+    """A saved llava adapter on this LLM: methods that learn from a teacher record it and from_pretrained reloads it."""
+    directory = Path(_TEACHERS.name) / f"llava-{arch}-{str(dtype).replace('torch.', '')}"
+    if not directory.exists():
+        torch.manual_seed(123)
+        teacher = wrap_model(llm, VideoAdapterConfig(method="llava", vision_hidden_size=DV, num_frames=FRAMES),
+                             tokenizer=tok)
+        teacher.save_pretrained(directory)
+    return {"teacher": str(directory)}
+
+
+# Helper models per method: (llm, tokenizer, arch, dtype) → extra wrap_model keyword arguments.
+HELPERS = {"video2lora": _llava_teacher}
+
+
 def build(method: str, arch: str, *, dtype=torch.float32, seed: int = 0) -> tuple[VideoModel, Any]:
     """A wrapped tiny LM whose method parameters are all awake (no zero-initialised tensor left)."""
     tok = _tokenizer()
     llm = make_tiny_lm(arch, vocab_size=len(tok) + 8).to(dtype)
+    helpers = HELPERS[method](llm, tok, arch, dtype) if method in HELPERS else {}
     torch.manual_seed(seed)
     settings = {**SETTINGS.get(method, DEFAULT)}
     config = VideoAdapterConfig(method=method, vision_hidden_size=DV, num_frames=FRAMES, **settings)
-    return wrap_model(llm, config, tokenizer=tok), tok
+    return wrap_model(llm, config, tokenizer=tok, **helpers), tok
 
 
 def wake(vm: VideoModel, seed: int = 1) -> VideoModel:
@@ -136,14 +159,16 @@ def test_generate_agrees_with_forward(method, arch):
     tok = vm.tokenizer
     ids, mask, _ = batch(tok, n=2)
     feats = random_features(2, frames=FRAMES)
+    # A random LM may pick the mark (it cannot be fed back) or EOS (generate then pads the rest): forbid both.
+    never = [vm.video_token_id, vm.llm.config.eos_token_id]
     out = vm.generate(input_ids=ids, attention_mask=mask, videos=feats, max_new_tokens=3, do_sample=False,
-                      suppress_tokens=[vm.video_token_id])  # a random LM may pick the mark; it cannot be fed back
+                      suppress_tokens=never)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     new = out[:, ids.shape[1]:]
     full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
     logits = vm(input_ids=out, attention_mask=full_mask, videos=feats,
                 prompt_mask=torch.cat([mask, torch.zeros_like(new)], dim=1)).logits
-    logits[..., vm.video_token_id] = float("-inf")
+    logits[..., never] = float("-inf")
     predicted = logits[:, -new.shape[1] - 1 : -1].argmax(-1)
     assert torch.equal(predicted, new)
 

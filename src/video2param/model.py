@@ -52,7 +52,7 @@ class VideoModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, config: VideoAdapterConfig, *, vision: Any = None, tokenizer: Any = None,
-                 text_encoder: nn.Module | None = None, stage: Stage = "pretrain") -> None:
+                 text_encoder: nn.Module | None = None, teacher: Any = None, stage: Stage = "pretrain") -> None:
         super().__init__()
         if not hasattr(llm, "get_input_embeddings") or not hasattr(llm, "config"):
             raise TypeError(f"wrap_model: expected a HuggingFace causal LM, got {type(llm).__name__}")
@@ -72,8 +72,12 @@ class VideoModel(nn.Module):
         if text_encoder is not None:
             text_encoder.requires_grad_(False)
         config = _with_vision_width(config, self.vision)
-        self.config = config
         method_cls = get_method(config.method)
+        # A teacher loads before any module of the LLM is wrapped (its base-model check sees the plain LLM). It is
+        # held, not registered: it stays frozen and outside every state dict (``_apply`` moves it along).
+        teacher_model, config = _resolve_teacher(llm, config, method_cls, teacher, tokenizer)
+        object.__setattr__(self, "_teacher", teacher_model)
+        self.config = config
         n_layers = tg.num_layers(llm)
         sites: list[tg.TargetSite] = []
         if method_cls.kind == "weights":
@@ -118,6 +122,19 @@ class VideoModel(nn.Module):
     @property
     def fingerprint(self) -> BaseModelFingerprint:
         return BaseModelFingerprint.of(self.llm)
+
+    @property
+    def teacher(self) -> "VideoModel | None":
+        """The frozen token adapter this model's method learns from (``wrap_model(teacher=...)``), or None."""
+        return self._teacher
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() reach registered submodules only; the held teacher's adapter must follow the LLM.
+        super()._apply(fn, recurse)
+        teacher = self.__dict__.get("_teacher")
+        if teacher is not None:
+            teacher.method._apply(fn, recurse)
+        return self
 
     # ---- training stages -------------------------------------------------------------------------------------
     def set_stage(self, stage: Stage) -> None:
@@ -204,12 +221,32 @@ class VideoModel(nn.Module):
             cond.text_encoder = self.text_encoder
         if "llm_readout" in needs:
             cond.read_llm = self.read_llm
+        if "tokenizer" in needs:
+            if self.tokenizer is None:
+                raise ValueError(f"method {self.config.method!r} tokenizes text of its own: pass tokenizer= to wrap_model")
+            cond.tokenizer = self.tokenizer
+        if "teacher" in needs:
+            if self._teacher is None:
+                raise ValueError(
+                    f"method {self.config.method!r} learns from a teacher: pass wrap_model(teacher=...) or "
+                    "from_pretrained(teacher=...), a token VideoModel on this LLM or a saved token adapter's "
+                    "directory / Hub repo id"
+                )
+            cond.teacher = self._teacher_tokens
         if method_cls.vision_views:
             raise ValueError(
                 f"method {self.config.method!r} needs vision views {list(method_cls.vision_views)}, which this "
                 "vision tower does not provide"
             )
         return cond
+
+    def _teacher_tokens(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                        input_ids: torch.Tensor | None = None,
+                        attention_mask: torch.Tensor | None = None) -> TokenContext:
+        """The teacher's tokens for these features (``Conditioning.teacher``); frozen, no gradient."""
+        with torch.no_grad():
+            return self._teacher.encode_video(features, frame_mask, input_ids=input_ids,
+                                              attention_mask=attention_mask)
 
     def _decode_questions(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         if self.tokenizer is None:
@@ -500,7 +537,8 @@ class VideoModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, llm: nn.Module, directory_or_repo_id: str | Path, *, vision: Any = None,
-                        tokenizer: Any = None, text_encoder: nn.Module | None = None, revision: str | None = None,
+                        tokenizer: Any = None, text_encoder: nn.Module | None = None, teacher: Any = None,
+                        revision: str | None = None,
                         token: str | None = None, cache_dir: str | Path | None = None, stage: Stage = "frozen",
                         allow_base_mismatch: bool = False, **hub_kwargs: Any) -> "VideoModel":
         """Wrap ``llm`` with a saved adapter from a local directory or a Hub repo id.
@@ -532,7 +570,8 @@ class VideoModel(nn.Module):
             if not allow_base_mismatch:
                 raise AdapterMismatchError(message + "; pass allow_base_mismatch=True to load it anyway")
             warnings.warn(message + "; loading anyway because allow_base_mismatch=True", UserWarning, stacklevel=2)
-        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, stage=stage)
+        model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder,
+                    teacher=teacher, stage=stage)
         try:
             check_state(model.adapter_state_dict(), loaded.state, where)
             model.method.load_state_dict(loaded.state, strict=True)
@@ -563,7 +602,7 @@ class VideoModel(nn.Module):
 
 def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *, method: str | None = None,
                vision: Any = None, tokenizer: Any = None, text_encoder: nn.Module | None = None,
-               stage: Stage = "pretrain", **options: Any) -> VideoModel:
+               teacher: Any = None, stage: Stage = "pretrain", **options: Any) -> VideoModel:
     """Attach a video adapter to any HuggingFace causal LM.
 
     ``wrap_model(llm, VideoAdapterConfig(method="vipe"), vision=tower, tokenizer=tok)`` or the short form
@@ -580,7 +619,8 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
         raise ValueError("pass either a VideoAdapterConfig or method=/options, not both")
     if not isinstance(config, VideoAdapterConfig):
         raise TypeError(f"config: expected a VideoAdapterConfig, got {type(config).__name__}")
-    return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, stage=stage)
+    return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, teacher=teacher,
+                      stage=stage)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
@@ -603,6 +643,55 @@ def _with_vision_width(config: VideoAdapterConfig, vision) -> VideoAdapterConfig
     if config.vision_hidden_size != width:
         raise ValueError(f"vision_hidden_size: config says {config.vision_hidden_size}, the vision tower gives {width}")
     return config
+
+
+def _resolve_teacher(llm: nn.Module, config: VideoAdapterConfig, method_cls, teacher: Any,
+                     tokenizer: Any) -> tuple["VideoModel | None", VideoAdapterConfig]:
+    """The frozen token ``VideoModel`` a method learns from, and the config recording where it was loaded from.
+
+    ``teacher``: a token ``VideoModel`` wrapping this same ``llm`` object, a saved token adapter's directory or Hub
+    repo id (loaded onto ``llm``: token adapters wrap no module, so both models share it), or None to load the one
+    recorded in ``config.options["teacher"]`` (None there too: no teacher until one is given).
+    """
+    if "teacher" not in method_cls.needs:
+        if teacher is not None:
+            raise ValueError(f"teacher: method {config.method!r} does not learn from a teacher")
+        return None, config
+    recorded = config.options.get("teacher")
+    if teacher is None:
+        if recorded is None:
+            return None, config
+        teacher = recorded
+    if isinstance(teacher, (str, Path)):
+        source = str(teacher)
+        model = VideoModel.from_pretrained(llm, source, tokenizer=tokenizer, stage="frozen")
+        if source != recorded:
+            data = config.to_dict()
+            data["options"] = {**data["options"], "teacher": source}
+            config = VideoAdapterConfig.from_dict(data)
+    elif isinstance(teacher, VideoModel):
+        model = teacher
+    else:
+        raise ValueError(
+            "teacher: expected a token VideoModel on this LLM or a saved token adapter's directory / Hub repo id, "
+            f"got {_describe(teacher)}"
+        )
+    if model.method_kind != "tokens":
+        raise ValueError(
+            f"teacher: must be a token adapter that reads the video in context (e.g. 'llava'), got "
+            f"{model.config.method!r}"
+        )
+    if model.llm is not llm:
+        raise ValueError(
+            "teacher: it wraps another LLM object; the teacher must read with this model's own LLM (wrap the same "
+            "llm with the token method, or pass the teacher's saved directory)"
+        )
+    width, teacher_width = config.vision_hidden_size, model.config.vision_hidden_size
+    if width is not None and teacher_width is not None and width != teacher_width:
+        raise ValueError(f"teacher: it reads features {teacher_width} wide, this adapter {width} wide")
+    model.method.requires_grad_(False)
+    model.method.eval()
+    return model, config
 
 
 def _vision_name(vision) -> str | None:

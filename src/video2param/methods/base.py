@@ -211,7 +211,7 @@ class LLMReadout:
 
 
 # What a method may ask ``VideoModel`` for, besides the video features (see ``VideoMethod.needs``).
-NEEDS = frozenset({"prompt", "prompt_embeds", "prompt_text", "text_encoder", "llm_readout"})
+NEEDS = frozenset({"prompt", "prompt_embeds", "prompt_text", "text_encoder", "llm_readout", "tokenizer", "teacher"})
 
 
 @dataclass
@@ -222,13 +222,21 @@ class Conditioning:
     - ``vision_views``: extra outputs of the vision tower by name (e.g. projected patch tokens);
     - ``text_encoder``: the frozen text tower given to ``wrap_model(text_encoder=...)``;
     - ``read_llm(context, prompt)``: runs the frozen LLM with a ``TokenContext`` spliced into ``prompt`` through
-      the library's one splice path, weight deltas off, and returns an ``LLMReadout``.
+      the library's one splice path, weight deltas off, and returns an ``LLMReadout``;
+    - ``tokenizer``: the tokenizer given to ``wrap_model(tokenizer=...)``, for text of the method's own (e.g. the
+      instruction around the video that ``read_llm`` reads);
+    - ``teacher(features, frame_mask=None, input_ids=None, attention_mask=None)``: the ``TokenContext`` that the
+      frozen token adapter given as ``wrap_model(teacher=...)`` makes of these features (no gradient). A method
+      that needs a teacher has an option ``teacher`` (str or None), where ``VideoModel`` records the teacher
+      adapter's directory or Hub repo id so that ``from_pretrained`` can load it again.
     """
 
     prompt: Prompt | None = None
     vision_views: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoder: Any = None
     read_llm: Callable[..., LLMReadout] | None = None  # (context, input_ids=None, attention_mask=None)
+    tokenizer: Any = None
+    teacher: Callable[..., TokenContext] | None = None  # (features, frame_mask=None, input_ids=None, attention_mask=None)
 
 
 @dataclass
@@ -326,6 +334,11 @@ def register_method(cls: type[VideoMethod] | None = None, *, name: str | None = 
             raise ValueError(
                 f"register_method: {method_cls.__name__}.needs has unknown entries {sorted(unknown)}; "
                 f"known: {', '.join(sorted(NEEDS))}"
+            )
+        if "teacher" in method_cls.needs and "teacher" not in {f.name for f in dataclasses.fields(method_cls.Options)}:
+            raise ValueError(
+                f"register_method: {method_cls.__name__} needs a teacher, so its Options need a field 'teacher' "
+                "(str | None) where the teacher adapter's location is recorded"
             )
         if key in _REGISTRY and _REGISTRY[key] is not method_cls and not overwrite:
             raise ValueError(f"register_method: a method named {key!r} is already registered")

@@ -113,3 +113,77 @@ def token_mask_from_frames(frame_mask: torch.Tensor | None, batch: int, frames: 
     if frame_mask is None:
         return torch.ones((batch, frames * patches), dtype=torch.bool, device=device)
     return frame_mask.bool()[:, :, None].expand(batch, frames, patches).reshape(batch, frames * patches)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward ``W_out(silu(W_gate x) · W_up x)``: ``dim → hidden → out_dim`` (bias-free, as in Llama)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.out = nn.Linear(hidden, out_dim or dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.gate(x)) * self.up(x))
+
+
+class PerceiverAttention(nn.Module):
+    """Idefics2-style Perceiver cross-attention with grouped key/value heads.
+
+    Queries come from the latents (B, N, dim); keys and values from ``context`` (B, M, dim), followed by the
+    latents themselves when ``attend_to_self`` (keys/values = context ++ latents, so the latents also see each other
+    without a separate self-attention). ``heads`` query heads of ``head_dim`` share ``kv_heads`` key/value heads;
+    the attention width ``heads · head_dim`` may differ from ``dim``. Bias-free projections.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, kv_heads: int, attend_to_self: bool = True) -> None:
+        super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads: {kv_heads} does not divide the {heads} query heads")
+        self.heads, self.head_dim, self.kv_heads = heads, head_dim, kv_heads
+        self.attend_to_self = attend_to_self
+        self.q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.out = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = latents.shape
+        memory = torch.cat([context, latents], dim=1) if self.attend_to_self else context
+        m = memory.shape[1]
+        q = self.q(latents).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(memory).view(b, m, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(memory).view(b, m, self.kv_heads, self.head_dim).transpose(1, 2)
+        group = self.heads // self.kv_heads
+        if group > 1:  # each key/value head serves `group` query heads
+            k = k[:, :, None].expand(b, self.kv_heads, group, m, self.head_dim).reshape(b, self.heads, m, -1)
+            v = v[:, :, None].expand(b, self.kv_heads, group, m, self.head_dim).reshape(b, self.heads, m, -1)
+        mask = None
+        if context_mask is not None:
+            mask = context_mask.bool()
+            if self.attend_to_self:
+                mask = torch.cat([mask, mask.new_ones(b, n)], dim=1)
+            mask = mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class PerceiverBlock(nn.Module):
+    """One Perceiver resampler layer (Idefics2 style): RMSNorm on latents and context → cross-attention over
+    context ++ latents → residual; RMSNorm → SwiGLU FFN → residual. No separate self-attention."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, kv_heads: int, ffn_mult: int = 4,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm_latents = nn.RMSNorm(dim, eps=eps)
+        self.norm_context = nn.RMSNorm(dim, eps=eps)
+        self.attn = PerceiverAttention(dim, heads, head_dim, kv_heads, attend_to_self=True)
+        self.norm_ffn = nn.RMSNorm(dim, eps=eps)
+        self.ffn = SwiGLU(dim, ffn_mult * dim)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        latents = latents + self.attn(self.norm_latents(latents), self.norm_context(context), context_mask)
+        return latents + self.ffn(self.norm_ffn(latents))
