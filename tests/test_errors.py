@@ -108,3 +108,59 @@ def test_video_token_beyond_the_embedding_rows(tokenizer):
 def test_unknown_feature_width(llama, method):
     with pytest.raises(ValueError, match="vision_hidden_size: unknown"):
         wrap_model(llama, method=method)
+
+
+# ---- hardening (issue #10): configuration, loading, video files, empty inputs ---------------------------------
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"merge": "false"}, r"options.merge: expected a bool, got 'false' \(str\)"),
+        ({"targets": 5}, r"targets: expected a list"),
+        ({"keep_ratios": "ab"}, r"options.keep_ratios: expected a list of finite numbers or None, got 'ab' \(str\)"),
+        ({"dropout": "x"}, r"options.dropout: expected a finite number, got 'x' \(str\)"),
+        ({"alpha": float("inf")}, r"alpha: expected a finite number, got inf"),
+        ({"num_frames": 1e9}, r"num_frames: expected an int, got 1000000000.0 \(float\)"),
+        ({"rank": 10**6}, r"rank: must be <= 2048"),
+    ],
+)
+def test_wrap_model_type_checks_every_option(llama, options, message):
+    kwargs = {"method": "vipe", "vision_hidden_size": DV, "hidden_dim": 32, "num_heads": 4, "depth": 1, **options}
+    with pytest.raises(ValueError, match=message):
+        wrap_model(llama, **kwargs)
+    assert not any(type(m).__name__ == "LowRankWrapper" for m in llama.modules())
+
+
+def test_loading_from_a_big_unrelated_directory_is_quick_and_short(tmp_path, llama, tokenizer):
+    import time
+
+    from video2param.hub import AdapterNotFoundError
+
+    for i in range(300):
+        (tmp_path / f"pkg{i:03d}" / "sub").mkdir(parents=True)
+        (tmp_path / f"pkg{i:03d}" / "sub" / "file.txt").write_text("x")
+    start = time.perf_counter()
+    with pytest.raises(AdapterNotFoundError, match="missing required file") as info:
+        VideoModel.from_pretrained(llama, tmp_path, tokenizer=tokenizer)
+    assert time.perf_counter() - start < 5 and len(str(info.value)) < 1000 and "file.txt" not in str(info.value)
+
+
+def test_video_path_errors_reach_the_model_accurately(tmp_path, llama, tokenizer):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from video2param import VideoDecodeError
+
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4))
+    vm = wrap_model(llama, method="llava", vision=tower, tokenizer=tokenizer, num_frames=4)
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    with pytest.raises(VideoDecodeError, match="a.mp4: cannot be opened: too many levels of symbolic links"):
+        vm(input_ids=ids, attention_mask=mask, videos=[tmp_path / "a.mp4"])
+
+
+@pytest.mark.parametrize("videos", [[], torch.empty(0, 4, 4, DV), torch.empty(1, 0, 4, DV)])
+def test_empty_video_batches(vm, tokenizer, videos):
+    ids, mask = encode(tokenizer, ["<video> a ?"])
+    with pytest.raises(ValueError, match="videos: (an )?empty"):
+        vm(input_ids=ids, attention_mask=mask, videos=videos)
