@@ -18,7 +18,7 @@ import torch
 
 import conformance_methods  # noqa: F401  (registers the methods defined in the tests)
 from conftest import DV, WORDS, random_features
-from tiny_models import make_tiny_lm
+from tiny_models import make_tiny_dual_encoder, make_tiny_lm
 from video2param import VideoAdapterConfig, VideoModel, available_methods, wrap_model
 from video2param.data.tokenizer import build_word_tokenizer
 from video2param.methods.base import get_method
@@ -32,6 +32,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pooled_delta_test": {"rank": 2, "inject_every": 2},
     "video2lora": {"rank": 2, "inject_every": 2, "options": {"latent_dim": 16, "num_latents": 4, "depth": 2,
                    "num_heads": 2, "head_dim": 8, "kv_heads": 1, "ffn_mult": 2, "input_mult": 2, "head_hidden": 32}},
+    "ppllava": {"options": {"kernel": [2, 2, 2], "text_keep_positions": 2}},
+    "linvt": {"options": {"hidden_dim": 16, "num_heads": 2, "scorer_layers": 1, "top_k": 10, "scale_queries": [4, 2], "scale_windows": [1, 2]}},
 }
 METHODS = available_methods()
 PROMPTS = ["<video> what colour is the object ?", "<video> which way does it move ?", "<video> what shape ?"]
@@ -57,8 +59,13 @@ def _llava_teacher(llm, tok, arch: str, dtype: torch.dtype) -> dict[str, Any]:
     return {"teacher": str(directory)}
 
 
+def _tiny_clip(llm, tok, arch: str, dtype: torch.dtype) -> dict[str, Any]:
+    """A tiny CLIP dual encoder (2×2 patches of width DV, the same weights every time) as the vision tower."""
+    return {"vision": make_tiny_dual_encoder("clip", vision_width=DV, grid=2)}
+
+
 # Helper models per method: (llm, tokenizer, arch, dtype) → extra wrap_model keyword arguments.
-HELPERS = {"video2lora": _llava_teacher}
+HELPERS = {"video2lora": _llava_teacher, "ppllava": _tiny_clip}
 
 
 def build(method: str, arch: str, *, dtype=torch.float32, seed: int = 0) -> tuple[VideoModel, Any]:
@@ -148,7 +155,8 @@ def test_save_load_round_trip(method, arch, tmp_path):
     expected = vm(input_ids=ids, attention_mask=mask, videos=feats).logits
     vm.save_pretrained(tmp_path / "adapter")
     fresh = make_tiny_lm(arch, vocab_size=len(tok) + 8)
-    loaded = VideoModel.from_pretrained(fresh, tmp_path / "adapter", tokenizer=tok)
+    helpers = HELPERS[method](fresh, tok, arch, torch.float32) if method in HELPERS else {}
+    loaded = VideoModel.from_pretrained(fresh, tmp_path / "adapter", tokenizer=tok, **helpers)
     torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask, videos=feats).logits, expected)
 
 

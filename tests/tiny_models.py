@@ -257,3 +257,35 @@ def left_padded_batch(
         ids[row, width - n:] = torch.randint(EOS_TOKEN_ID + 1, vocab_size, (n,), generator=gen)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+def make_tiny_dual_encoder(family: str = "clip", *, words=None, vision_width: int = 16, grid: int = 2,
+                           text_positions: int = 16, seed: int = 0, **vision_kwargs):
+    """A tiny CLIP or SigLIP dual encoder (both towers) built from configs, as a ``DualEncoder``.
+
+    Its text tower reads with a word tokenizer over ``words`` (default: the tests' ``WORDS``); its vision tower turns
+    an 8·grid-pixel square frame into grid × grid patches (8-pixel patches) of width ``vision_width``; text contexts have
+    ``text_positions`` positions. Same arguments, same weights.
+    """
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from conftest import WORDS
+    from video2param.data.tokenizer import build_word_tokenizer
+    from video2param.video.dual_encoder import DualEncoder
+
+    tok = build_word_tokenizer(WORDS if words is None else words)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=text_positions, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(image_size=8 * grid, patch_size=8, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                  num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(seed)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    elif family == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        with torch.no_grad():
+            model.logit_scale.fill_(2.0)  # a random SigLIP starts at exp(0) = 1; make the relevance map peaked
+    else:
+        raise ValueError(f"family: expected 'clip' or 'siglip', got {family!r}")
+    return DualEncoder(model.eval(), text_tokenizer=tok, **vision_kwargs)

@@ -28,6 +28,7 @@ from .inject.lowrank import (
     use_weight_context,
 )
 from .inject.tokens import ensure_video_token, question_mask, splice_video_tokens, strip_video_marks
+from .llm_lora import attach_llm_lora, llm_lora_parameters, resolve_llm
 from .methods.base import (
     Conditioning,
     LLMInfo,
@@ -52,8 +53,11 @@ class VideoModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, config: VideoAdapterConfig, *, vision: Any = None, tokenizer: Any = None,
-                 text_encoder: nn.Module | None = None, teacher: Any = None, stage: Stage = "pretrain") -> None:
+                 text_encoder: nn.Module | None = None, teacher: Any = None, stage: Stage = "pretrain",
+                 llm_lora: Any = None) -> None:
         super().__init__()
+        # A PeftModel is wrapped through its base model (LoRA layers in place), so module names never change.
+        llm = resolve_llm(llm, llm_lora)
         if not hasattr(llm, "get_input_embeddings") or not hasattr(llm, "config"):
             raise TypeError(f"wrap_model: expected a HuggingFace causal LM, got {type(llm).__name__}")
         first = next(llm.parameters(), None)
@@ -66,12 +70,14 @@ class VideoModel(nn.Module):
             )
         self.llm = llm
         self.tokenizer = tokenizer
-        self.vision = _as_vision_encoder(vision)
+        self.vision = _as_vision_encoder(vision, get_method(config.method))
         # Helper models stay frozen and outside the adapter's state dict (see adapter_state_dict).
         self.text_encoder = text_encoder
         if text_encoder is not None:
             text_encoder.requires_grad_(False)
         config = _with_vision_width(config, self.vision)
+        # The method may size itself from its helper models (e.g. the text tower's width), checked against them.
+        config = get_method(config.method).complete_config(config, vision=self.vision, text_encoder=text_encoder)
         method_cls = get_method(config.method)
         # A teacher loads before any module of the LLM is wrapped (its base-model check sees the plain LLM). It is
         # held, not registered: it stays frozen and outside every state dict (``_apply`` moves it along).
@@ -100,6 +106,8 @@ class VideoModel(nn.Module):
                 f"video_token: {config.video_token!r} has id {self.video_token_id} but the LLM's embedding has only "
                 f"{rows} rows; call llm.resize_token_embeddings(len(tokenizer)) before wrap_model"
             )
+        if llm_lora is not None:
+            attach_llm_lora(llm, llm_lora)  # first, so the video wrappers wrap the LoRA layers (see llm_lora.py)
         self._scope = InjectionScope()
         self._wrappers = inject_lowrank(llm, sites, self._scope) if sites else {}
         self._site_layout = {key: (s.in_features, s.out_features) for s, key in zip(sites, self.llm_info.site_keys)}
@@ -140,12 +148,16 @@ class VideoModel(nn.Module):
     def set_stage(self, stage: Stage) -> None:
         """Choose what trains: ``pretrain`` = the video method only, ``sft`` = method and LLM, ``frozen`` = nothing.
 
-        The vision tower always stays frozen.
+        In ``sft`` an LLM with a LoRA (``llm_lora=``, a PeftModel, ``attach_llm_lora``) trains its LoRA only; without
+        one the whole LLM trains. The vision tower always stays frozen.
         """
         if stage not in ("pretrain", "sft", "frozen"):
             raise ValueError(f"stage: expected 'pretrain', 'sft' or 'frozen', got {stage!r}")
         self.stage = stage
+        lora = llm_lora_parameters(self.llm)
         for p in self.llm.parameters():
+            p.requires_grad_(stage == "sft" and not lora)
+        for p in lora:
             p.requires_grad_(stage == "sft")
         for p in self.method.parameters():
             p.requires_grad_(stage != "frozen")
@@ -161,10 +173,13 @@ class VideoModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print trainable / total parameter counts, the video adapter's size and the LLM LoRA's size (if any)."""
         trainable, total = self.trainable_parameters()
         method = sum(p.numel() for p in self.method.parameters())
+        lora = sum(p.numel() for p in llm_lora_parameters(self.llm))
+        lora_text = f" || LLM LoRA params: {lora:,}" if lora else ""
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-              f" || {self.config.method} params: {method:,} (stage={self.stage})")
+              f" || {self.config.method} params: {method:,}{lora_text} (stage={self.stage})")
 
     # ---- video → context -------------------------------------------------------------------------------------
     def prepare_videos(self, videos: Any, frame_mask: torch.Tensor | None = None) -> VideoInputs:
@@ -173,7 +188,8 @@ class VideoModel(nn.Module):
                                       feature_dim=self.config.vision_hidden_size, num_frames=self.config.num_frames)
         dtype = self._method_dtype()
         return VideoInputs(inputs.features.to(device=self.device, dtype=dtype),
-                           None if inputs.frame_mask is None else inputs.frame_mask.to(self.device))
+                           None if inputs.frame_mask is None else inputs.frame_mask.to(self.device),
+                           {name: view.to(device=self.device, dtype=dtype) for name, view in inputs.views.items()})
 
     def _method_dtype(self) -> torch.dtype:
         return next(self.method.parameters(), torch.empty(0)).dtype
@@ -190,6 +206,7 @@ class VideoModel(nn.Module):
         self._check_alive()
         inputs = self.prepare_videos(videos, frame_mask)
         cond = self._conditioning(inputs.features.shape[0], input_ids, attention_mask, labels, prompt_mask)
+        cond.vision_views = self._vision_views(inputs)
         context = self.method.encode(inputs.features, inputs.frame_mask, cond)
         expected = TokenContext if self.method_kind == "tokens" else WeightContext
         if not isinstance(context, expected):
@@ -216,9 +233,12 @@ class VideoModel(nn.Module):
                 texts = self._decode_questions(input_ids, mask)
             cond.prompt = Prompt(input_ids, mask, embeds, texts)
         if "text_encoder" in needs:
-            if self.text_encoder is None:
-                raise ValueError(f"method {self.config.method!r} needs a text tower: pass wrap_model(text_encoder=...)")
-            cond.text_encoder = self.text_encoder
+            cond.text_encoder = self._text_tower()
+            if cond.text_encoder is None:
+                raise ValueError(
+                    f"method {self.config.method!r} needs a text tower: pass wrap_model(text_encoder=...) or a dual "
+                    "encoder as vision= (CLIPModel, SiglipModel, their name, or a DualEncoder)"
+                )
         if "llm_readout" in needs:
             cond.read_llm = self.read_llm
         if "tokenizer" in needs:
@@ -233,12 +253,31 @@ class VideoModel(nn.Module):
                     "directory / Hub repo id"
                 )
             cond.teacher = self._teacher_tokens
-        if method_cls.vision_views:
-            raise ValueError(
-                f"method {self.config.method!r} needs vision views {list(method_cls.vision_views)}, which this "
-                "vision tower does not provide"
-            )
         return cond
+
+    def _text_tower(self) -> Any:
+        """The text tower: ``text_encoder=`` when given, else the dual encoder given as ``vision=`` (or None)."""
+        if self.text_encoder is not None:
+            return self.text_encoder
+        return self.vision if hasattr(self.vision, "encode_text") else None
+
+    def _vision_views(self, inputs: VideoInputs) -> dict[str, torch.Tensor]:
+        """The vision views the method declared: given with the features (``VideoFeatures``), else derived from the
+        features by the dual encoder (``vision=`` or ``text_encoder=``); ValueError naming a view nobody provides."""
+        names = type(self.method).vision_views
+        views = {name: inputs.views[name] for name in names if name in inputs.views}
+        missing = [name for name in names if name not in views]
+        if missing:
+            source = next((m for m in (self.vision, self.text_encoder) if hasattr(m, "derive_views")), None)
+            if source is None:
+                raise ValueError(
+                    f"videos: method {self.config.method!r} needs the vision view(s) {missing}, which nothing "
+                    "provides: wrap the model with a dual encoder (vision=CLIPModel, SiglipModel, their name, or a "
+                    f"DualEncoder), or pass videos=VideoFeatures(features, views={{{missing[0]!r}: ...}})"
+                )
+            derived = source.derive_views(inputs.features, missing)
+            views.update({name: derived[name].to(device=self.device, dtype=self._method_dtype()) for name in missing})
+        return views
 
     def _teacher_tokens(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
                         input_ids: torch.Tensor | None = None,
@@ -251,8 +290,9 @@ class VideoModel(nn.Module):
     def _decode_questions(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         if self.tokenizer is None:
             raise ValueError(f"method {self.config.method!r} reads the question's text: pass tokenizer= to wrap_model")
+        current = _current_turn(input_ids, mask, self.video_token_id)
         return [self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
-                for row, m in zip(input_ids, mask)]
+                for row, m in zip(input_ids, current)]
 
     @torch.no_grad()
     def read_llm(self, context: TokenContext, input_ids: torch.Tensor | None = None,
@@ -504,19 +544,30 @@ class VideoModel(nn.Module):
         a ``README.md`` that video2param did not write is kept. A save killed at any point leaves the previous
         adapter or the new one loadable (docs/guarantees.md). Raises ``OSError`` naming the file that could not be
         written, ``ValueError`` for metrics that are not finite numbers.
+
+        A LoRA on the LLM is written first, as a standard PEFT adapter in the subfolder ``llm_lora/``; the adapter's
+        config records its weights' SHA-256, so a save killed between the two is refused on load, never mixed.
         """
+        from .atomic_files import discard
+        from .llm_lora import LORA_SUBDIR, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, llm_lora_config, save_llm_lora
         from .model_card import render_model_card
         from .serialization import check_metrics
 
         metrics = check_metrics(metrics)
+        lora_dir = Path(directory) / LORA_SUBDIR
+        lora_sha256 = save_llm_lora(self.llm, lora_dir) if llm_lora_config(self.llm) is not None else None
         fingerprint = self.fingerprint
         vision_name = _vision_name(self.vision)
         card = render_model_card(self.config, fingerprint, method_kind=self.method_kind,
                                  num_parameters=sum(p.numel() for p in self.method.parameters()),
                                  vision_name=vision_name, injected_layers=[s.layer for s in self.llm_info.sites],
                                  metrics=metrics)
+        lora_entry = None if lora_sha256 is None else {"path": LORA_SUBDIR, "weights_sha256": lora_sha256}
         save_adapter(directory, self.config, self.adapter_state_dict(), fingerprint, card,
-                     extra={"vision_tower": vision_name, "metrics": metrics})
+                     extra={"vision_tower": vision_name, "metrics": metrics, "llm_lora": lora_entry})
+        if lora_sha256 is None:
+            for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):  # a LoRA of an earlier save: not this adapter's
+                discard(lora_dir / name)
         return Path(directory)
 
     def save_base_model(self, directory: str | Path, **save_kwargs: Any) -> Path:
@@ -546,10 +597,12 @@ class VideoModel(nn.Module):
         Checked before ``llm`` is touched: the files (``read_adapter``), the base model's shapes, and a sample of
         its weights. An adapter saved on another base model with the same shapes raises ``AdapterMismatchError``
         unless ``allow_base_mismatch=True`` (then it loads with a warning). Any failure leaves ``llm`` as it was.
+        An adapter saved with a LoRA on the LLM (``llm_lora/``) restores it too (``llm`` must then have none).
         """
         import warnings
 
         from .hub import resolve_adapter_dir
+        from .llm_lora import LORA_SUBDIR, detach_llm_lora, load_llm_lora_state, read_llm_lora
         from .serialization import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
 
         if not isinstance(allow_base_mismatch, bool):
@@ -570,13 +623,23 @@ class VideoModel(nn.Module):
             if not allow_base_mismatch:
                 raise AdapterMismatchError(message + "; pass allow_base_mismatch=True to load it anyway")
             warnings.warn(message + "; loading anyway because allow_base_mismatch=True", UserWarning, stacklevel=2)
+        lora = None
+        entry = loaded.payload.get("llm_lora")
+        if entry is not None:
+            if not isinstance(entry, dict) or not isinstance(entry.get("weights_sha256"), str):
+                raise ValueError(f"adapter {where}: llm_lora must be an object with a weights_sha256 string, got {entry!r}")
+            lora = read_llm_lora(Path(directory) / LORA_SUBDIR, expected_sha256=entry["weights_sha256"])
         model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder,
-                    teacher=teacher, stage=stage)
+                    teacher=teacher, stage=stage, llm_lora=None if lora is None else lora[0])
         try:
             check_state(model.adapter_state_dict(), loaded.state, where)
             model.method.load_state_dict(loaded.state, strict=True)
+            if lora is not None:
+                load_llm_lora_state(model.llm, lora[1])
         except BaseException:
             model.unwrap()  # leave the LLM exactly as it was passed in
+            if lora is not None:
+                detach_llm_lora(model.llm)
             raise
         return model
 
@@ -602,12 +665,13 @@ class VideoModel(nn.Module):
 
 def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *, method: str | None = None,
                vision: Any = None, tokenizer: Any = None, text_encoder: nn.Module | None = None,
-               teacher: Any = None, stage: Stage = "pretrain", **options: Any) -> VideoModel:
+               teacher: Any = None, stage: Stage = "pretrain", llm_lora: Any = None, **options: Any) -> VideoModel:
     """Attach a video adapter to any HuggingFace causal LM.
 
     ``wrap_model(llm, VideoAdapterConfig(method="vipe"), vision=tower, tokenizer=tok)`` or the short form
     ``wrap_model(llm, method="vipe", rank=32, depth=2)``: common config fields by name, anything else is a
-    method option.
+    method option. ``llm_lora=peft.LoraConfig(...)`` puts a LoRA on the LLM (it trains in stage ``sft`` instead of
+    the whole LLM); an LLM given as a peft ``PeftModel`` keeps its LoRA the same way.
     """
     if isinstance(config, str):
         if method is not None and method != config:
@@ -620,16 +684,36 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
     if not isinstance(config, VideoAdapterConfig):
         raise TypeError(f"config: expected a VideoAdapterConfig, got {type(config).__name__}")
     return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, teacher=teacher,
-                      stage=stage)
+                      stage=stage, llm_lora=llm_lora)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
-def _as_vision_encoder(vision: Any):
+def _as_vision_encoder(vision: Any, method_cls=None):
+    """``vision=`` as a ``VisionEncoder``: as given, a module wrapped (a CLIP/SigLIP dual model as a ``DualEncoder``),
+    or a name/path loaded (as a ``DualEncoder`` when the method reads a text tower or vision views)."""
     if vision is None:
         return None
+    from .video.dual_encoder import DualEncoder, is_dual_encoder_model
     from .video.encoder import VisionEncoder
 
-    return vision if isinstance(vision, VisionEncoder) else VisionEncoder(vision)
+    if isinstance(vision, VisionEncoder):
+        return vision
+    if isinstance(vision, (str, Path)):
+        wants_dual = method_cls is not None and bool(method_cls.vision_views or "text_encoder" in method_cls.needs)
+        return DualEncoder.from_pretrained(vision) if wants_dual else VisionEncoder.from_pretrained(vision)
+    if is_dual_encoder_model(vision):
+        return DualEncoder(vision)
+    return VisionEncoder(vision)
+
+
+def _current_turn(input_ids: torch.Tensor, mask: torch.Tensor, video_token_id: int | None) -> torch.Tensor:
+    """The last contiguous run of question positions (the current turn of a multi-turn prompt; a ``<video>`` mark
+    inside the question does not split it): earlier turns, cut off by their answers, are left out."""
+    inside = mask if video_token_id is None else mask | (input_ids == video_token_id)
+    starts = inside & ~torch.nn.functional.pad(inside[:, :-1], (1, 0), value=False)
+    run = starts.long().cumsum(dim=1)
+    last = (run * inside).amax(dim=1, keepdim=True)
+    return mask & (run == last)
 
 
 def _with_vision_width(config: VideoAdapterConfig, vision) -> VideoAdapterConfig:

@@ -307,6 +307,13 @@ class VideoMethod(nn.Module):
         check_fields(parsed, "options")
         return parsed
 
+    @classmethod
+    def complete_config(cls, config: "VideoAdapterConfig", *, vision: Any = None,
+                        text_encoder: Any = None) -> "VideoAdapterConfig":
+        """The config with options filled in from the helper models ``VideoModel`` was given (e.g. a text tower's
+        width); ValueError when a recorded option disagrees with them. Default: the config as it is."""
+        return config
+
     def encode(
         self, features: torch.Tensor, frame_mask: torch.Tensor | None = None, cond: Conditioning | None = None
     ) -> VideoContext:
