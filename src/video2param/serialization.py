@@ -181,24 +181,35 @@ def sample_base_weights(llm: torch.nn.Module) -> tuple[float, ...] | None:
     layers = targets.decoder_layers(llm)
     tensors.extend(_own_parameters(layers[len(layers) // 2]))
     values: list[float] = []
-    with torch.no_grad():
-        for tensor in tensors:
-            if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
-                continue
-            flat = tensor.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
-            values.extend(float(f"{v:.7g}") for v in flat[index].float().cpu().tolist())
+    try:
+        with torch.no_grad():
+            for tensor in tensors:
+                if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
+                    continue
+                flat = tensor.detach().reshape(-1)
+                index = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+                values.extend(float(f"{v:.7g}") for v in flat[index].float().cpu().tolist())
+    except (RuntimeError, NotImplementedError):  # sharded or otherwise unreadable weights: no sample, no check
+        return None
     return tuple(values) if values and all(math.isfinite(v) for v in values) else None
 
 
 def _own_parameters(layer: torch.nn.Module) -> list[torch.Tensor]:
     """The layer's parameters in registration order, looking through modules that video2param put in."""
     out = []
+    # A PEFT layer (a LoRA on the LLM) is looked through too: its own factors are not the base model's weights.
+    adapter_parts = {id(m) for tuner in layer.modules() if type(tuner).__module__.startswith("peft.")
+                     and callable(getattr(tuner, "get_base_layer", None))
+                     for m in tuner.modules() if m is not tuner and not _inside(m, tuner.get_base_layer())}
     for module in layer.modules():
-        if type(module).__module__.startswith("video2param."):
+        if type(module).__module__.startswith("video2param.") or id(module) in adapter_parts:
             continue  # a wrapper: its wrapped original module is visited on its own
         out.extend(module.parameters(recurse=False))
     return out
+
+
+def _inside(module: torch.nn.Module, root: torch.nn.Module) -> bool:
+    return any(module is m for m in root.modules())
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------
@@ -373,7 +384,8 @@ def read_adapter(directory: str | Path) -> LoadedAdapter:
         config_text = config_path.read_text(encoding="utf-8")
         weights_bytes = weights_path.read_bytes()
     except OSError as err:
-        raise OSError(err.errno, f"adapter {directory}: cannot read {err.filename or 'a file'}: {err.strerror}") from err
+        message = f"adapter {directory}: cannot read {err.filename or 'a file'}: {err.strerror or err}"
+        raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
     except UnicodeDecodeError as err:
         raise ValueError(f"adapter {directory}: {CONFIG_NAME} is not valid JSON ({err})") from err
     weights_sha256 = hashlib.sha256(weights_bytes).hexdigest()
