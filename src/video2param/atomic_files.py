@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 __all__ = [
     "TEMP_TAG",
     "directory_lock",
@@ -103,7 +105,7 @@ def stage(target: Path, write: Callable[[Path], None]) -> Path:
         discard(temporary)
         if isinstance(err, OSError):
             raise _os_error(err.errno, f"could not write {target}: {err.strerror or err}") from err
-        if type(err).__name__ == "SafetensorError":
+        if isinstance(err, SafetensorError):
             raise _os_error(_errno_in(str(err)), f"could not write {target}: {err}") from err
         raise
     return temporary
