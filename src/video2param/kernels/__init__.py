@@ -4,8 +4,9 @@
 prompt-guided 3D pooling. Each op has a PyTorch reference (the specification), a Triton kernel and
 an ``autograd.Function``. Dispatch is decided per call by :func:`kernel_backend`: CUDA tensors with
 Triton installed go to Triton, anything else to the reference; ``VIDEO2PARAM_KERNELS=triton|torch|auto``
-forces a path (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``). Importing this package never
-requires Triton.
+forces a path (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``). Triton is the optional
+``video2param[cuda]`` extra: importing this package never imports it; only a call that dispatches to
+Triton does.
 """
 
 from ._dispatch import ENV_VAR, KernelBackendError, kernel_backend, triton_available

@@ -5,7 +5,8 @@ values, tl.dot shape rules, register/shared-memory budgets). ``compile_launch`` 
 arguments a launcher passed to a :class:`~video2param.kernels._dispatch.LazyKernel` and runs Triton's
 full NVIDIA pipeline on them down to a cubin (Triton ships ``ptxas``), specialising arguments the
 way the JIT does: integers equal to 1 become constants, 16-divisible integers and pointers get the
-divisibility hint.
+divisibility hint. Needs Triton (imported here, at the top: this module is a check, never imported by
+the library itself).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+import triton
 
-from ._dispatch import LazyKernel, triton
+from ._dispatch import LazyKernel
 
 __all__ = ["capture_launch", "compile_launch", "resource_usage"]
 
@@ -59,8 +61,6 @@ def compile_launch(
     arch: int = 90,
 ) -> Any:
     """Compile one recorded launch with autotune ``config`` for ``sm_<arch>``; returns the compiled kernel."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
