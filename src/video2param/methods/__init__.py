@@ -24,4 +24,4 @@ __all__ = [
 ]
 
 # The built-in methods, registered on import (after base, which they build on).
-from . import llava, ppllava, video2lora, vipe  # noqa: E402,F401
+from . import linvt, llava, ppllava, video2lora, vipe  # noqa: E402,F401
