@@ -243,6 +243,11 @@ class Video2LoRAMethod(VideoMethod):
                     continue  # padding of every video in the batch: no segment at all
                 if bool(seg_mask.all()):
                     seg_mask = None
+                elif not bool(present.all()):
+                    # The teacher reads no empty video: give such rows their first (padding) frame; their
+                    # segment LoRA is zeroed below, so what it reads there never matters.
+                    seg_mask = seg_mask.clone()
+                    seg_mask[~present, 0] = True
             with torch.no_grad():
                 hidden, mask = self.read_segment(features[:, start:stop], seg_mask, cond)
             segment = self.hypernetwork(hidden, mask)
