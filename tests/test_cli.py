@@ -1,6 +1,8 @@
 """The command line: `video2param demo` end to end (tiny settings) and `video2param ask` on a real video file."""
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,26 +12,44 @@ from video2param import wrap_model
 from video2param.cli import main
 
 
-@pytest.mark.slow
-def test_demo_prints_its_table(tmp_path, capsys):
+def test_demo_prints_its_table_and_an_ask_command_that_runs(tmp_path, capsys):
+    """The demo at a tiny budget: the table (chance row first), everything `ask` needs on disk, and the printed
+    `video2param ask` command on the demo's own MP4 runs and gives the answer the demo reported."""
     out = tmp_path / "demo"
-    code = main(["demo", "--steps", "4", "--train-size", "40", "--test-size", "10", "--batch-size", "8",
-                 "--output-dir", str(out), "--threads", "1"])
+    code = main(["demo", "--steps", "3", "--train-size", "30", "--test-size", "10", "--batch-size", "8",
+                 "--output-dir", str(out), "--threads", "1", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| method | color | shape | direction | order | count |" in printed
-    assert "| vipe |" in printed and "| llava |" in printed
+    assert "| method | color | shape | direction | order | count | static | temporal | overall |" in printed
+    assert "| chance | 25.0 | 25.0 | 25.0 | 25.0 | 50.0 | 25.0 | 33.3 | 30.0 |" in printed
+    assert "| llava (baseline) |" in printed and "| vipe |" in printed
     results = json.loads((out / "results.json").read_text())
+    assert results["chance"]["count"] == 0.5
     assert results["rows"]["llava"]["flops_ratio"] == 1.0
-    assert results["rows"]["vipe"]["visual_tokens"] == 0
+    assert results["rows"]["vipe"]["visual_tokens"] == 0 < results["rows"]["llava"]["visual_tokens"]
     assert results["rows"]["vipe"]["flops_ratio"] < 1.0
-    assert (out / "vipe" / "adapter_model.safetensors").is_file()
+    for method in ("llava", "vipe"):
+        assert (out / method / "adapter" / "adapter_model.safetensors").is_file()
+        assert (out / method / "llm" / "model.safetensors").is_file()
+        assert (out / method / "llm" / "tokenizer.json").is_file()
+    assert (out / "vision" / "front_end.json").is_file() and (out / "vision" / "feature_stats.json").is_file()
+
+    example = results["ask"]
+    args = shlex.split(example["command"])
+    assert args[:2] == ["video2param", "ask"] and args[2].endswith(".mp4") and Path(args[2]).is_file()
+    assert args[2:] and example["command"] in printed
+    assert main(args[1:]) == 0
+    assert capsys.readouterr().out.strip() == example["answer"]
 
 
 def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "many"])
     assert "invalid int value" in capsys.readouterr().err
+    assert main(["demo", "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--steps", "0"]) == 2
+    assert "steps: expected a positive integer" in capsys.readouterr().err
 
 
 def test_ask_answers_from_a_video_file(tmp_path, capsys):

@@ -20,10 +20,12 @@ from video2param.data import (
     VideoQA,
     VideoQACollator,
     build_word_tokenizer,
+    chance_accuracy,
     evaluate,
     format_prompt,
     make_splits,
     moving_shapes_tokenizer,
+    moving_shapes_vocabulary,
 )
 from video2param.data.moving_shapes import (
     DIRECTIONS,
@@ -99,10 +101,14 @@ def answer_from_pixels(video: torch.Tensor, question: str, config: MovingShapesC
     if question.startswith("what colour is the"):
         return next(iter(objects)) if words[-1] == "object" else by_shape[words[-1]]
     if question.startswith("what shape is the"):
-        return objects[words[-2]]["shape"]
+        return next(iter(objects.values()))["shape"] if words[-2] == "the" else objects[words[-2]]["shape"]
     if question.startswith("which way does the"):
-        obj = objects[words[-3]]
-        assert obj["shape"] == words[-2]
+        if words[-2] == "object":  # "which way does the object move?": the only object
+            assert len(objects) == 1
+            obj = next(iter(objects.values()))
+        else:
+            obj = objects[words[-3]]
+            assert obj["shape"] == words[-2]
         d_row, d_col = obj["centroids"][-1] - obj["centroids"][0]
         assert min(abs(d_row), abs(d_col)) == 0 and max(abs(d_row), abs(d_col)) >= config.min_displacement
         if d_col:
@@ -138,6 +144,8 @@ def answer_from_pixels(video: torch.Tensor, question: str, config: MovingShapesC
         (dict(max_objects=1), "order"),
         (dict(num_frames=5, max_objects=3, colors=("red", "green", "blue"), shapes=SHAPES[:3]), "num_frames"),
         (dict(min_visible_frames=1), "min_visible_frames"),
+        (dict(single_object_types=("count",)), "single_object_types"),
+        (dict(single_object_types=("color",), min_objects=2), "single_object_types"),
     ],
 )
 def test_config_rejects_bad_values(overrides, field):
@@ -264,6 +272,35 @@ def test_objects_appear_staggered_when_there_are_several(dataset, config):
         assert {o.color for o in scene.objects}.__len__() == len(scene.objects)
         assert {o.shape for o in scene.objects}.__len__() == len(scene.objects)
     assert set(counts) == {1, 2}
+
+
+def test_single_object_types_ask_about_a_lone_object_without_naming_it():
+    cfg = MovingShapesConfig(single_object_types=("color", "shape", "direction"))
+    ds = MovingShapes(cfg, 200, "test")
+    plain = {"color": "what colour is the object?", "shape": "what shape is the object?",
+             "direction": "which way does the object move?"}
+    objects = Counter()
+    for i in range(len(ds)):
+        item = ds[i]
+        assert answer_from_pixels(item.video, item.question, cfg) == item.answer
+        if item.qtype in plain:
+            assert item.question == plain[item.qtype] and len(ds.scene(i).objects) == 1
+        objects[item.qtype, len(ds.scene(i).objects)] += 1
+    assert objects["order", 2] == 40 and {objects["count", 1], objects["count", 2]} == {20}
+    assert set(moving_shapes_vocabulary(cfg)) >= {"object", "way", "move"}
+
+
+def test_chance_is_one_over_the_answers_a_question_leaves_open():
+    assert chance_accuracy(MovingShapesConfig()) == pytest.approx(
+        {"color": 0.25, "shape": 0.25, "direction": 0.25, "order": 0.25, "count": 0.5, "static": 0.25,
+         "temporal": 1 / 3, "overall": 0.3})
+    cfg = MovingShapesConfig(colors=("red", "green", "blue"), shapes=SHAPES, max_objects=3, num_frames=10,
+                             question_types=("color", "order", "count"))
+    chance = chance_accuracy(cfg)
+    # order: a colour question 3 times in 8 (1 in 3 right), a shape question 5 times in 8 (1 in 5 right)
+    assert chance["order"] == pytest.approx(3 / 8 * 1 / 3 + 5 / 8 * 1 / 5)
+    assert chance["count"] == pytest.approx(1 / 3) and chance["color"] == pytest.approx(1 / 3)
+    assert "shape" not in chance and chance["static"] == chance["color"]
 
 
 def test_larger_configs_generate_consistent_answers():

@@ -1,32 +1,71 @@
-"""Answer one question about one video file with a saved adapter (`video2param ask`)."""
+"""Answer questions about video files with a saved adapter (`video2param ask`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
+class Asker:
+    """A saved adapter, its LM, tokenizer and vision front end, loaded once to answer many questions.
+
+    ``llm``: an HF causal LM name or directory (``video2param demo`` saves its trained LM with the tokenizer in
+    ``<output>/<method>/llm``). ``vision``: an HF vision tower name or directory, or a directory written by
+    :func:`video2param.data.features.save_vision` (the demo's ``<output>/vision``: its front end and the feature
+    statistics the adapter was trained with). ``tokenizer`` defaults to ``llm``. Local paths load offline.
+    """
+
+    def __init__(self, *, adapter: str, llm: str, vision: str, tokenizer: str | None = None,
+                 revision: str | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .data.features import load_vision
+        from .model import VideoModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.encoder, self.standardizer = load_vision(vision)
+        model = AutoModelForCausalLM.from_pretrained(llm)
+        self.model = VideoModel.from_pretrained(model, adapter, vision=self.encoder, tokenizer=self.tokenizer,
+                                                revision=revision)
+        self.model.eval()
+
+    def features(self, video: str | Path | Any, frames: int | None = None) -> torch.Tensor:
+        """``(T, P, Dv)`` features of a video file (or clip), encoded exactly as the training videos were."""
+        from .video.io import load_video
+
+        if isinstance(video, (str, Path)) and not Path(video).is_file():
+            raise FileNotFoundError(f"no video file at {video}")
+        clip = load_video(video, num_frames=frames or self.model.config.num_frames)
+        with torch.inference_mode():
+            features = self.encoder.encode_frames(clip.frames)
+            return self.standardizer(features) if self.standardizer is not None else features
+
+    def __call__(self, video: str | Path | Any, question: str, *, frames: int | None = None,
+                 max_new_tokens: int = 32) -> str:
+        """Greedy-decode the answer to ``question`` about ``video``."""
+        from .data.collate import format_prompt
+
+        features = self.features(video, frames)
+        tok = self.tokenizer
+        prompt = tok([format_prompt(question, self.model.video_token)], return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
+                                      videos=features[None], max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def ask(video: str | Path, question: str, *, adapter: str, llm: str, vision: str, tokenizer: str | None = None,
         frames: int | None = None, max_new_tokens: int = 32, revision: str | None = None) -> str:
-    """Load the base LM, the vision tower and the adapter, sample the video, and greedy-decode an answer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the base LM, the vision front end and the adapter, sample the video, and greedy-decode an answer.
 
-    from .data.collate import format_prompt
-    from .model import VideoModel
-    from .video.encoder import VisionEncoder
-    from .video.io import load_video
-
-    tok = AutoTokenizer.from_pretrained(tokenizer or llm)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(llm)
-    encoder = VisionEncoder.from_pretrained(vision)
-    vm = VideoModel.from_pretrained(model, adapter, vision=encoder, tokenizer=tok, revision=revision)
-    vm.eval()
-    clip = load_video(video, num_frames=frames or vm.config.num_frames)
-    prompt = tok([format_prompt(question, vm.video_token)], return_tensors="pt")
-    with torch.inference_mode():
-        out = vm.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], videos=[clip],
-                          max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    Arguments as :class:`Asker`; ``frames`` defaults to the adapter's ``num_frames``.
+    """
+    if not Path(video).is_file():
+        raise FileNotFoundError(f"no video file at {video}")
+    asker = Asker(adapter=adapter, llm=llm, vision=vision, tokenizer=tokenizer, revision=revision)
+    return asker(video, question, frames=frames, max_new_tokens=max_new_tokens)

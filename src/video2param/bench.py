@@ -1,5 +1,11 @@
 """Cost measurements of a VideoModel with the video already encoded: visual tokens, LLM FLOPs, time to first
-token, peak memory. Report them as ratios against the llava baseline measured in the same run."""
+token, peak memory. Report them as ratios against the llava baseline measured in the same run.
+
+FLOPs are counted by ``torch.utils.flop_counter`` with attention included: its registry knows the CUDA attention
+kernels but not the one scaled-dot-product attention runs on the CPU (``_scaled_dot_product_flash_attention_for_cpu``),
+so without :data:`ATTENTION_FLOPS` a CPU count silently leaves attention out (and with it the part of a token
+method's cost that grows quadratically with the number of visual tokens).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .methods.base import TokenContext, VideoContext
+
+
+def attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args,
+                    **kwargs) -> int:
+    """FLOPs of ``softmax(q kᵀ) v`` for (B, H, Lq, d) queries: 2·B·H·Lq·Lk·(d_qk + d_v), as eager attention counts.
+
+    The full Lq × Lk score matrix is counted (a causal mask does not skip work in these kernels); grouped-query
+    keys and values (fewer heads than the queries) are counted per query head, which is what the kernel computes.
+    """
+    batch, heads, q_len, qk_dim = query_shape
+    k_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * q_len * k_len * (qk_dim + v_dim)
+
+
+#: Extra FlopCounterMode formulas: attention ops its registry lacks (the CPU kernel of SDPA).
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
 
 
 @dataclass
@@ -34,8 +56,8 @@ def visual_tokens(context: VideoContext) -> int:
 
 @torch.no_grad()
 def llm_flops(vm, input_ids: torch.Tensor, attention_mask: torch.Tensor, context: VideoContext) -> float:
-    """FLOPs of one LLM forward per prompt, counted by torch.utils.flop_counter (the deltas included)."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of one LLM forward per prompt, counted by torch.utils.flop_counter (the deltas and attention included)."""
+    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
     with counter:
         vm(input_ids=input_ids, attention_mask=attention_mask, context=context)
     return counter.get_total_flops() / input_ids.shape[0]

@@ -24,15 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="video2param", description="Make any HuggingFace causal LM understand video.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="Train a method and the llava baseline on MovingShapes (CPU) and compare.")
+    demo = sub.add_parser("demo", help="Train a method (or all) and the llava baseline on MovingShapes (CPU), "
+                                       "compare them, and save what `ask` needs.")
     _add_dataclass_args(demo, DemoConfig)
 
     ask = sub.add_parser("ask", help="Answer a question about a video file with a saved adapter.")
     ask.add_argument("video", help="Video file (mp4, webm, avi, gif, ...).")
     ask.add_argument("question", help="The question.")
     ask.add_argument("--adapter", required=True, help="Adapter directory or Hub repo id.")
-    ask.add_argument("--llm", required=True, help="Base LM name or path the adapter was trained on.")
-    ask.add_argument("--vision", required=True, help="Vision tower name or path.")
+    ask.add_argument("--llm", required=True, help="Base LM name or path the adapter was trained on (the demo saves "
+                                                  "its trained LM in <output>/<method>/llm).")
+    ask.add_argument("--vision", required=True, help="Vision tower name or path, or the demo's <output>/vision "
+                                                     "(front end + feature statistics).")
     ask.add_argument("--tokenizer", default=None, help="Tokenizer name or path (default: --llm).")
     ask.add_argument("--frames", type=int, default=None, help="Frames to sample (default: the adapter's num_frames).")
     ask.add_argument("--max-new-tokens", type=int, default=32)
@@ -47,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import DemoConfig, run_demo
 
         fields = {f.name for f in dataclasses.fields(DemoConfig)}
-        cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        try:
+            cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        except ValueError as err:
+            print(f"video2param demo: {err}", file=sys.stderr)
+            return 2
         run_demo(cfg)
         return 0
     if args.command == "ask":

@@ -1,4 +1,4 @@
-"""A small, dependency-free training loop (the demo uses it; notebooks can use HF Trainer instead)."""
+"""A small training loop with a progress bar (the demo uses it; notebooks can use HF Trainer instead)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this value (0 = off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the batch order."})
     log_every: int = field(default=50, metadata={"help": "Print the loss every n steps (0 = silent)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar (elapsed time, ETA, loss)."})
+    description: str = field(default="training", metadata={"help": "Label of the progress bar."})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -32,17 +34,31 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """Loss of every step and the wall time of the whole loop."""
+
     losses: list[float]
     seconds: float
 
     @property
     def step_time(self) -> float:
+        """Mean seconds per optimizer step."""
         return self.seconds / max(len(self.losses), 1)
+
+    def final_loss(self, last: int = 20) -> float:
+        """Mean loss of the last ``last`` steps."""
+        tail = self.losses[-last:]
+        return sum(tail) / max(len(tail), 1)
 
 
 def train(vm, dataset: Sequence, collate: Callable, config: TrainConfig,
           log: Callable[[str], None] = print) -> TrainResult:
-    """Train the trainable parameters of ``vm`` (see ``vm.set_stage``) on ``dataset`` with AdamW + cosine."""
+    """Train the trainable parameters of ``vm`` (see ``vm.set_stage``) on ``dataset`` with AdamW + cosine.
+
+    Batches are drawn in a seeded random order, one pass after another. The progress bar shows elapsed time, the
+    ETA and the running loss; ``log`` gets a loss line every ``config.log_every`` steps.
+    """
+    from tqdm.auto import tqdm
+
     params = [p for p in vm.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train: nothing to train (stage 'frozen'?)")
@@ -53,6 +69,8 @@ def train(vm, dataset: Sequence, collate: Callable, config: TrainConfig,
     cursor = 0
     losses: list[float] = []
     vm.train()
+    bar = tqdm(total=config.steps, desc=config.description, unit="step", disable=not config.progress, leave=False,
+               dynamic_ncols=True)
     start = time.perf_counter()
     for step in range(config.steps):
         if cursor + config.batch_size > len(order):
@@ -73,9 +91,17 @@ def train(vm, dataset: Sequence, collate: Callable, config: TrainConfig,
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        bar.update(1)
+        if (step + 1) % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}", refresh=False)
         if config.log_every and (step + 1) % config.log_every == 0:
             recent = losses[-config.log_every :]
-            log(f"  step {step + 1:>5}/{config.steps}  loss {sum(recent) / len(recent):.4f}")
+            line = (f"  step {step + 1:>5}/{config.steps}  loss {sum(recent) / len(recent):.4f}  "
+                    f"({time.perf_counter() - start:.0f}s)")
+            bar.clear()
+            log(line)
+            bar.refresh()
+    bar.close()
     vm.eval()
     return TrainResult(losses, time.perf_counter() - start)
 

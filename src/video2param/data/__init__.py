@@ -10,6 +10,7 @@ from .moving_shapes import (
     Scene,
     SceneObject,
     VideoQA,
+    chance_accuracy,
     make_splits,
     moving_shapes_vocabulary,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "VideoQA",
     "VideoQACollator",
     "build_word_tokenizer",
+    "chance_accuracy",
     "evaluate",
     "format_prompt",
     "make_splits",

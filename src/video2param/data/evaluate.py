@@ -15,7 +15,8 @@ from .moving_shapes import QUESTION_TYPES, VideoQA
 
 def evaluate(vm: Any, dataset: Sequence[VideoQA], batch_size: int = 32, max_new_tokens: int = 2,
              include_video_token: bool = True,
-             video_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+             video_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             progress: bool = False) -> dict[str, float]:
     """Greedy-decode an answer for every sample of ``dataset`` and score exact matches.
 
     ``vm`` needs ``tokenizer`` (holding the video token), ``video_token``, ``device`` and
@@ -26,7 +27,7 @@ def evaluate(vm: Any, dataset: Sequence[VideoQA], batch_size: int = 32, max_new_
 
     ``include_video_token=False`` leaves the placeholder out of the prompts (for methods that take the video
     outside the token stream). ``video_transform`` maps each batch of videos (B, T, 3, H, W) before ``generate``,
-    e.g. to cached features.
+    e.g. to cached features. ``progress=True`` shows a progress bar over the questions (elapsed time, ETA).
 
     Returns accuracies in [0, 1] keyed by each question type present, by category (``static``, ``temporal``) and
     ``overall``. The model runs in eval mode under ``torch.inference_mode``; its training flag is restored.
@@ -44,6 +45,10 @@ def evaluate(vm: Any, dataset: Sequence[VideoQA], batch_size: int = 32, max_new_
     correct: Counter[str] = Counter()
     was_training = bool(getattr(vm, "training", False))
     vm.eval()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="question", disable=not progress, leave=False,
+               dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for start in range(0, len(dataset), batch_size):
@@ -55,7 +60,9 @@ def evaluate(vm: Any, dataset: Sequence[VideoQA], batch_size: int = 32, max_new_
                     for key in (item.qtype, item.category, "overall"):
                         seen[key] += 1
                         correct[key] += hit
+                bar.update(len(items))
     finally:
+        bar.close()
         vm.train(was_training)
     # Question types first (benchmark order, then any others), then categories, then overall.
     order = [q for q in QUESTION_TYPES if q in seen] + sorted(k for k in seen if k not in QUESTION_TYPES

@@ -9,6 +9,10 @@ Each video shows 1..``max_objects`` coloured shapes on a plain black background,
 * ``order`` (temporal): ``which colour appears first?`` / ``which shape appears first?`` → a colour / a shape
 * ``count`` (temporal): ``how many objects are there?`` → a number word (one, two, ...)
 
+Types listed in ``single_object_types`` are asked only about videos with one object and name none (``what shape
+is the object?``, ``which way does the object move?``): they test seeing and motion without binding a name to
+one of several objects, which a small LM trained from scratch learns far more slowly (docs/results.md).
+
 Design choices that keep the benchmark honest:
 
 * Every answer is visible in the pixels: objects in one video have distinct colours *and* distinct shapes, their
@@ -103,6 +107,12 @@ class MovingShapesConfig:
     min_visible_frames: int = field(
         default=4, metadata={"help": "Fewest frames an object stays visible (its motion is seen over them)."}
     )
+    single_object_types: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Question types asked only about videos with one object, phrased without naming it "
+                          "('what colour is the object?'): no binding of a name to an object is needed. Any of "
+                          "color, shape, direction."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "frame_size", "max_objects", "min_objects", "order_gap", "min_visible_frames"):
@@ -114,6 +124,11 @@ class MovingShapesConfig:
         self.question_types = _as_names("question_types", self.question_types, QUESTION_TYPES)
         self.colors = _as_names("colors", self.colors, tuple(PALETTE))
         self.shapes = _as_names("shapes", self.shapes, SHAPES)
+        self.single_object_types = (_as_names("single_object_types", self.single_object_types,
+                                              ("color", "shape", "direction"))
+                                    if self.single_object_types else ())
+        if self.single_object_types and self.min_objects > 1:
+            raise ValueError(f"single_object_types: needs min_objects <= 1, got {self.min_objects}")
         if self.min_objects > self.max_objects:
             raise ValueError(f"min_objects ({self.min_objects}) is larger than max_objects ({self.max_objects})")
         if self.max_objects >= len(NUMBER_WORDS):
@@ -147,8 +162,8 @@ class MovingShapesConfig:
 
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": ("what colour is the {shape}?", "what colour is the object?"),
-    "shape": ("what shape is the {color} object?",),
-    "direction": ("which way does the {color} {shape} move?",),
+    "shape": ("what shape is the {color} object?", "what shape is the object?"),
+    "direction": ("which way does the {color} {shape} move?", "which way does the object move?"),
     "order": ("which colour appears first?", "which shape appears first?"),
     "count": ("how many objects are there?",),
 }
@@ -251,6 +266,31 @@ def answer_set(config: MovingShapesConfig, qtype: str) -> tuple[str, ...]:
     if qtype == "count":
         return NUMBER_WORDS[config.min_objects : config.max_objects + 1]
     raise ValueError(f"unknown question type {qtype!r}; types are {', '.join(QUESTION_TYPES)}")
+
+
+def chance_accuracy(config: MovingShapesConfig) -> dict[str, float]:
+    """Accuracy per question type of the best guess that reads the question but not the video.
+
+    Answers are balanced within a type, so that guess is right once per candidate answer the question leaves open:
+    1 / (colours) for ``color``, 1 / (shapes) for ``shape``, 1/4 for ``direction``, 1 / (number of object counts)
+    for ``count``; an ``order`` question names what it asks for (a colour or a shape), so 1 / (colours) or
+    1 / (shapes), weighted by how often each form is asked. Categories (``static``, ``temporal``) and ``overall`` average their types (types are
+    asked equally often).
+    """
+    chance: dict[str, float] = {}
+    for qtype in config.question_types:
+        if qtype == "order":
+            colors, shapes = len(config.colors), len(config.shapes)
+            # Answers cycle over colours + shapes; the question's form says which of the two sets to guess from.
+            chance[qtype] = (colors / (colors + shapes)) / colors + (shapes / (colors + shapes)) / shapes
+        else:
+            chance[qtype] = 1.0 / len(answer_set(config, qtype))
+    for group in ("static", "temporal"):
+        members = [chance[q] for q in config.question_types if QUESTION_CATEGORY[q] == group]
+        if members:
+            chance[group] = sum(members) / len(members)
+    chance["overall"] = sum(chance[q] for q in config.question_types) / len(config.question_types)
+    return chance
 
 
 def render_scene(config: MovingShapesConfig, scene: Scene) -> np.ndarray:
@@ -367,7 +407,11 @@ def _permutation(seed: int, split_id: int, type_index: int, block: int, n: int) 
 def _sample_scene(cfg: MovingShapesConfig, rng: random.Random, qtype: str, answer: str) -> Scene:
     """Draw objects consistent with ``answer`` to a ``qtype`` question, then phrase the question."""
     lowest = max(2, cfg.min_objects) if qtype == "order" else cfg.min_objects
-    n = NUMBER_WORDS.index(answer) if qtype == "count" else rng.randint(lowest, cfg.max_objects)
+    alone = qtype in cfg.single_object_types  # one object, asked about without naming it
+    if alone:
+        n = 1
+    else:
+        n = NUMBER_WORDS.index(answer) if qtype == "count" else rng.randint(lowest, cfg.max_objects)
     # Object 0 is the one the question is about (for "order": the one that appears first).
     fixed_color = answer if qtype == "color" or (qtype == "order" and answer in cfg.colors) else None
     fixed_shape = answer if qtype == "shape" or (qtype == "order" and answer in cfg.shapes) else None
@@ -386,12 +430,12 @@ def _sample_scene(cfg: MovingShapesConfig, rng: random.Random, qtype: str, answe
         )
     target = objects[0]
     if qtype == "color":
-        use_object = n == 1 and rng.random() < 0.5
+        use_object = alone or (n == 1 and rng.random() < 0.5)
         question = QUESTION_TEMPLATES["color"][1 if use_object else 0].format(shape=target.shape)
     elif qtype == "shape":
-        question = QUESTION_TEMPLATES["shape"][0].format(color=target.color)
+        question = QUESTION_TEMPLATES["shape"][1 if alone else 0].format(color=target.color)
     elif qtype == "direction":
-        question = QUESTION_TEMPLATES["direction"][0].format(color=target.color, shape=target.shape)
+        question = QUESTION_TEMPLATES["direction"][1 if alone else 0].format(color=target.color, shape=target.shape)
     elif qtype == "order":
         question = QUESTION_TEMPLATES["order"][0 if answer in cfg.colors else 1]
     else:
