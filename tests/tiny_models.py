@@ -283,7 +283,8 @@ def make_tiny_dual_encoder(family: str = "clip", *, words=None, vision_width: in
     if family == "clip":
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
     elif family == "siglip":
-        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        # SigLIP compares the text head's output with the vision head's: both vision_width wide.
+        model = SiglipModel(SiglipConfig(text_config={**text, "projection_size": vision_width}, vision_config=vision))
         with torch.no_grad():
             model.logit_scale.fill_(2.0)  # a random SigLIP starts at exp(0) = 1; make the relevance map peaked
     else:

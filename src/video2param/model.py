@@ -192,8 +192,9 @@ class VideoModel(nn.Module):
         """
         self._check_alive()
         inputs = self.prepare_videos(videos, frame_mask)
+        views = self._vision_views(inputs)
         cond = self._conditioning(inputs.features.shape[0], input_ids, attention_mask, labels, prompt_mask)
-        cond.vision_views = self._vision_views(inputs)
+        cond.vision_views = views
         context = self.method.encode(inputs.features, inputs.frame_mask, cond)
         expected = TokenContext if self.method_kind == "tokens" else WeightContext
         if not isinstance(context, expected):

@@ -186,8 +186,29 @@ class PPLLaVAMethod(VideoMethod):
     # ---- encoding --------------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
                cond: Conditioning | None = None) -> TokenContext:
-        cond = cond if cond is not None else Conditioning()
+        features, frame_mask, scores = self._inputs_and_relevance(features, frame_mask, cond)
         b, t, p, dv = features.shape
+        side = math.isqrt(p)
+        lengths = [t] * b if frame_mask is None else frame_mask.sum(dim=1).tolist()
+        pooled: list[torch.Tensor | None] = [None] * b
+        # Videos of one real length are pooled together; each is pooled as if it were alone (batch invariance).
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            v = _real_frames(features, frame_mask, rows, length).reshape(len(rows), length, side, side, dv)
+            s = _real_frames(scores, frame_mask, rows, length).reshape(len(rows), length, side, side)
+            for row, out in zip(rows, self._tokens(v, s)):
+                pooled[row] = out
+        return _pad_tokens([x for x in pooled if x is not None])
+
+    def relevance(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                  cond: Conditioning | None = None) -> torch.Tensor:
+        """S (B, T, P): each video's softmax over its real T·P tokens of logit_scale · cos(question, patch);
+        0 on padding frames. Uniform (1 / real tokens) with ``relevance="uniform"``."""
+        return self._inputs_and_relevance(features, frame_mask, cond)[2]
+
+    def _inputs_and_relevance(self, features, frame_mask, cond):
+        cond = cond if cond is not None else Conditioning()
+        b, t, p, _ = features.shape
         if t > self.config.num_frames and self.temporal is not None:
             raise ValueError(
                 f"videos: {t} frames but the adapter was built for at most num_frames={self.config.num_frames}"
@@ -195,10 +216,11 @@ class PPLLaVAMethod(VideoMethod):
         side = math.isqrt(p)
         if side * side != p:
             raise ValueError(f"videos: ppllava pools a square patch grid, got {p} patches per frame")
-        relevance_view = None
-        if self.options.relevance == "prompt":
-            relevance_view = cond.vision_views.get(PROJECTED)
-            if relevance_view is None:
+        if self.options.relevance == "uniform":
+            logits = features.new_zeros((b, t, p), dtype=torch.float32)
+        else:
+            view = cond.vision_views.get(PROJECTED)
+            if view is None:
                 raise ValueError(
                     f"ppllava: the vision view {PROJECTED!r} is missing; wrap the model with a dual encoder "
                     "(vision=CLIPModel/SiglipModel/DualEncoder) or pass videos=VideoFeatures(features, "
@@ -206,30 +228,23 @@ class PPLLaVAMethod(VideoMethod):
                 )
             text = self.question_embeddings(cond)  # (n, E)
             if b == 1 and text.shape[0] > 1:  # one video asked several questions
-                features, relevance_view = _repeat(features, text.shape[0]), _repeat(relevance_view, text.shape[0])
-                frame_mask = None if frame_mask is None else _repeat(frame_mask, text.shape[0])
-                b = text.shape[0]
+                n = text.shape[0]
+                features, view = _repeat(features, n), _repeat(view, n)
+                frame_mask = None if frame_mask is None else _repeat(frame_mask, n)
+                b = n
             if text.shape[0] != b:
                 raise ValueError(f"videos: {b} video(s) for {text.shape[0]} question(s)")
-            if relevance_view.shape[:3] != (b, t, p):
+            if tuple(view.shape[:3]) != (b, t, p) or view.shape[-1] != text.shape[-1]:
                 raise ValueError(
-                    f"vision view {PROJECTED!r}: expected shape ({b}, {t}, {p}, E), got {tuple(relevance_view.shape)}"
+                    f"vision view {PROJECTED!r}: expected shape ({b}, {t}, {p}, {text.shape[-1]}), got "
+                    f"{tuple(view.shape)}"
                 )
             logit_scale = float(getattr(cond.text_encoder, "logit_scale", 1.0))
-            logits = logit_scale * torch.einsum("be,btpe->btp", text.float(), relevance_view.float())
-        else:
-            logits = features.new_zeros((b, t, p), dtype=torch.float32)
-        lengths = [t] * b if frame_mask is None else frame_mask.sum(dim=1).tolist()
-        pooled: list[torch.Tensor | None] = [None] * b
-        # Videos of one real length are pooled together; each is pooled as if it were alone (batch invariance).
-        for length in sorted(set(lengths)):
-            rows = [i for i, n in enumerate(lengths) if n == length]
-            v = _real_frames(features, frame_mask, rows, length).reshape(len(rows), length, side, side, dv)
-            z = _real_frames(logits, frame_mask, rows, length)
-            tokens = self._pool(v, z.reshape(len(rows), length, side, side))
-            for row, out in zip(rows, tokens):
-                pooled[row] = out
-        return _pad_tokens([x for x in pooled if x is not None])
+            logits = logit_scale * torch.einsum("be,btpe->btp", text.float(), view.float())
+        if frame_mask is not None:
+            logits = logits.masked_fill(~frame_mask.bool()[:, :, None], float("-inf"))
+        scores = torch.softmax(logits.reshape(b, -1), dim=-1).reshape(b, t, p)
+        return features, frame_mask, scores
 
     def question_embeddings(self, cond: Conditioning) -> torch.Tensor:
         """(B, E) normalised embeddings of each sample's question (current turn) from the text tower."""
@@ -259,28 +274,35 @@ class PPLLaVAMethod(VideoMethod):
         residual = self.text_position_residual.float()
         return torch.cat([extended[:keep], extended[keep:] + residual], dim=0)
 
-    def _pool(self, v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """(n, T, H, W, Dv) features and relevance logits (n, T, H, W) → (n, T'·H'·W', D) tokens."""
-        n, t, h, w, _ = v.shape
+    def _tokens(self, v: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(n, T, H, W, Dv) features and relevance (n, T, H, W) → (n, T'·H'·W', D) tokens."""
         opts = self.options
-        image = t == 1
+        image = v.shape[1] == 1
         kernel = opts.image_kernel if image else opts.kernel
         stride = (opts.image_stride if image else opts.stride) or kernel
-        output = opts.output_size or (None, None, None)
-        geometry = [window_geometry(size, k, s, o) for size, k, s, o in zip((t, h, w), kernel, stride, output)]
-        kernel = tuple(g[0] for g in geometry)
-        stride = tuple(g[1] for g in geometry)
-        scores = torch.softmax(logits.reshape(n, -1), dim=-1).reshape(logits.shape)
-        if opts.pool_mode == "sum":
-            # The paper's weights, scaled by N / |window|: uniform relevance gives each window's mean.
-            scores = scores * (t * h * w / math.prod(kernel))
-        out = weighted_pool3d(v, scores.to(v.dtype) if v.dtype == torch.float64 else scores, kernel, stride,
-                              mode=opts.pool_mode, temperature=opts.temperature)
-        t_out = out.shape[1]
+        out = prompt_guided_pool(v, scores, kernel, stride, opts.output_size, opts.pool_mode, opts.temperature)
         if self.temporal is not None:
-            out = out + self.temporal.weight[:t_out].to(out.dtype)[None, :, None, None, :]
+            out = out + self.temporal.weight[: out.shape[1]].to(out.dtype)[None, :, None, None, :]
         tokens = self.projector(out.to(self.projector[0].weight.dtype))
-        return tokens.reshape(n, -1, tokens.shape[-1])
+        return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+
+
+def prompt_guided_pool(v: torch.Tensor, scores: torch.Tensor, kernel, stride, output_size=None,
+                       mode: str = "sum", temperature: float = 0.01) -> torch.Tensor:
+    """Pool (n, T, H, W, C) features by their relevance S (n, T, H, W) (each video's S sums to 1).
+
+    Windows per axis come from ``window_geometry`` (``output_size`` wins over kernel/stride). ``"sum"``: Σ S·V over
+    each window with S scaled by N / |window| (N = T·H·W), so uniform relevance gives each window's mean;
+    ``"window_softmax"``: weights softmax(S / temperature) inside each window. Returns (n, T', H', W', C).
+    """
+    sizes = tuple(v.shape[1:4])
+    output = output_size or (None, None, None)
+    geometry = [window_geometry(n, k, s, o) for n, k, s, o in zip(sizes, kernel, stride, output)]
+    kernel = tuple(g[0] for g in geometry)
+    stride = tuple(g[1] for g in geometry)
+    if mode == "sum":
+        scores = scores * (math.prod(sizes) / math.prod(kernel))
+    return weighted_pool3d(v, scores, kernel, stride, mode=mode, temperature=temperature)
 
 
 def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
