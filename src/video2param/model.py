@@ -28,6 +28,7 @@ from .inject.lowrank import (
     use_weight_context,
 )
 from .inject.tokens import ensure_video_token, question_mask, splice_video_tokens, strip_video_marks
+from .llm_lora import attach_llm_lora, llm_lora_parameters, resolve_llm
 from .methods.base import (
     Conditioning,
     LLMInfo,
@@ -52,8 +53,11 @@ class VideoModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, config: VideoAdapterConfig, *, vision: Any = None, tokenizer: Any = None,
-                 text_encoder: nn.Module | None = None, teacher: Any = None, stage: Stage = "pretrain") -> None:
+                 text_encoder: nn.Module | None = None, teacher: Any = None, stage: Stage = "pretrain",
+                 llm_lora: Any = None) -> None:
         super().__init__()
+        # A PeftModel is wrapped through its base model (LoRA layers in place), so module names never change.
+        llm = resolve_llm(llm, llm_lora)
         if not hasattr(llm, "get_input_embeddings") or not hasattr(llm, "config"):
             raise TypeError(f"wrap_model: expected a HuggingFace causal LM, got {type(llm).__name__}")
         first = next(llm.parameters(), None)
@@ -102,6 +106,8 @@ class VideoModel(nn.Module):
                 f"video_token: {config.video_token!r} has id {self.video_token_id} but the LLM's embedding has only "
                 f"{rows} rows; call llm.resize_token_embeddings(len(tokenizer)) before wrap_model"
             )
+        if llm_lora is not None:
+            attach_llm_lora(llm, llm_lora)  # first, so the video wrappers wrap the LoRA layers (see llm_lora.py)
         self._scope = InjectionScope()
         self._wrappers = inject_lowrank(llm, sites, self._scope) if sites else {}
         self._site_layout = {key: (s.in_features, s.out_features) for s, key in zip(sites, self.llm_info.site_keys)}
@@ -142,12 +148,16 @@ class VideoModel(nn.Module):
     def set_stage(self, stage: Stage) -> None:
         """Choose what trains: ``pretrain`` = the video method only, ``sft`` = method and LLM, ``frozen`` = nothing.
 
-        The vision tower always stays frozen.
+        In ``sft`` an LLM with a LoRA (``llm_lora=``, a PeftModel, ``attach_llm_lora``) trains its LoRA only; without
+        one the whole LLM trains. The vision tower always stays frozen.
         """
         if stage not in ("pretrain", "sft", "frozen"):
             raise ValueError(f"stage: expected 'pretrain', 'sft' or 'frozen', got {stage!r}")
         self.stage = stage
+        lora = llm_lora_parameters(self.llm)
         for p in self.llm.parameters():
+            p.requires_grad_(stage == "sft" and not lora)
+        for p in lora:
             p.requires_grad_(stage == "sft")
         for p in self.method.parameters():
             p.requires_grad_(stage != "frozen")
@@ -163,10 +173,13 @@ class VideoModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print trainable / total parameter counts, the video adapter's size and the LLM LoRA's size (if any)."""
         trainable, total = self.trainable_parameters()
         method = sum(p.numel() for p in self.method.parameters())
+        lora = sum(p.numel() for p in llm_lora_parameters(self.llm))
+        lora_text = f" || LLM LoRA params: {lora:,}" if lora else ""
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-              f" || {self.config.method} params: {method:,} (stage={self.stage})")
+              f" || {self.config.method} params: {method:,}{lora_text} (stage={self.stage})")
 
     # ---- video → context -------------------------------------------------------------------------------------
     def prepare_videos(self, videos: Any, frame_mask: torch.Tensor | None = None) -> VideoInputs:
@@ -532,19 +545,30 @@ class VideoModel(nn.Module):
         a ``README.md`` that video2param did not write is kept. A save killed at any point leaves the previous
         adapter or the new one loadable (docs/guarantees.md). Raises ``OSError`` naming the file that could not be
         written, ``ValueError`` for metrics that are not finite numbers.
+
+        A LoRA on the LLM is written first, as a standard PEFT adapter in the subfolder ``llm_lora/``; the adapter's
+        config records its weights' SHA-256, so a save killed between the two is refused on load, never mixed.
         """
+        from .atomic_files import discard
+        from .llm_lora import LORA_SUBDIR, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, llm_lora_config, save_llm_lora
         from .model_card import render_model_card
         from .serialization import check_metrics
 
         metrics = check_metrics(metrics)
+        lora_dir = Path(directory) / LORA_SUBDIR
+        lora_sha256 = save_llm_lora(self.llm, lora_dir) if llm_lora_config(self.llm) is not None else None
         fingerprint = self.fingerprint
         vision_name = _vision_name(self.vision)
         card = render_model_card(self.config, fingerprint, method_kind=self.method_kind,
                                  num_parameters=sum(p.numel() for p in self.method.parameters()),
                                  vision_name=vision_name, injected_layers=[s.layer for s in self.llm_info.sites],
                                  metrics=metrics)
+        lora_entry = None if lora_sha256 is None else {"path": LORA_SUBDIR, "weights_sha256": lora_sha256}
         save_adapter(directory, self.config, self.adapter_state_dict(), fingerprint, card,
-                     extra={"vision_tower": vision_name, "metrics": metrics})
+                     extra={"vision_tower": vision_name, "metrics": metrics, "llm_lora": lora_entry})
+        if lora_sha256 is None:
+            for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):  # a LoRA of an earlier save: not this adapter's
+                discard(lora_dir / name)
         return Path(directory)
 
     def save_base_model(self, directory: str | Path, **save_kwargs: Any) -> Path:
@@ -574,10 +598,12 @@ class VideoModel(nn.Module):
         Checked before ``llm`` is touched: the files (``read_adapter``), the base model's shapes, and a sample of
         its weights. An adapter saved on another base model with the same shapes raises ``AdapterMismatchError``
         unless ``allow_base_mismatch=True`` (then it loads with a warning). Any failure leaves ``llm`` as it was.
+        An adapter saved with a LoRA on the LLM (``llm_lora/``) restores it too (``llm`` must then have none).
         """
         import warnings
 
         from .hub import resolve_adapter_dir
+        from .llm_lora import LORA_SUBDIR, detach_llm_lora, load_llm_lora_state, read_llm_lora
         from .serialization import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
 
         if not isinstance(allow_base_mismatch, bool):
@@ -598,13 +624,23 @@ class VideoModel(nn.Module):
             if not allow_base_mismatch:
                 raise AdapterMismatchError(message + "; pass allow_base_mismatch=True to load it anyway")
             warnings.warn(message + "; loading anyway because allow_base_mismatch=True", UserWarning, stacklevel=2)
+        lora = None
+        entry = loaded.payload.get("llm_lora")
+        if entry is not None:
+            if not isinstance(entry, dict) or not isinstance(entry.get("weights_sha256"), str):
+                raise ValueError(f"adapter {where}: llm_lora must be an object with a weights_sha256 string, got {entry!r}")
+            lora = read_llm_lora(Path(directory) / LORA_SUBDIR, expected_sha256=entry["weights_sha256"])
         model = cls(llm, loaded.config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder,
-                    teacher=teacher, stage=stage)
+                    teacher=teacher, stage=stage, llm_lora=None if lora is None else lora[0])
         try:
             check_state(model.adapter_state_dict(), loaded.state, where)
             model.method.load_state_dict(loaded.state, strict=True)
+            if lora is not None:
+                load_llm_lora_state(model.llm, lora[1])
         except BaseException:
             model.unwrap()  # leave the LLM exactly as it was passed in
+            if lora is not None:
+                detach_llm_lora(model.llm)
             raise
         return model
 
@@ -630,12 +666,13 @@ class VideoModel(nn.Module):
 
 def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *, method: str | None = None,
                vision: Any = None, tokenizer: Any = None, text_encoder: nn.Module | None = None,
-               teacher: Any = None, stage: Stage = "pretrain", **options: Any) -> VideoModel:
+               teacher: Any = None, stage: Stage = "pretrain", llm_lora: Any = None, **options: Any) -> VideoModel:
     """Attach a video adapter to any HuggingFace causal LM.
 
     ``wrap_model(llm, VideoAdapterConfig(method="vipe"), vision=tower, tokenizer=tok)`` or the short form
     ``wrap_model(llm, method="vipe", rank=32, depth=2)``: common config fields by name, anything else is a
-    method option.
+    method option. ``llm_lora=peft.LoraConfig(...)`` puts a LoRA on the LLM (it trains in stage ``sft`` instead of
+    the whole LLM); an LLM given as a peft ``PeftModel`` keeps its LoRA the same way.
     """
     if isinstance(config, str):
         if method is not None and method != config:
@@ -648,7 +685,7 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
     if not isinstance(config, VideoAdapterConfig):
         raise TypeError(f"config: expected a VideoAdapterConfig, got {type(config).__name__}")
     return VideoModel(llm, config, vision=vision, tokenizer=tokenizer, text_encoder=text_encoder, teacher=teacher,
-                      stage=stage)
+                      stage=stage, llm_lora=llm_lora)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------

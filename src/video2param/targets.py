@@ -347,14 +347,20 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
 
 def _layers_with_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
     spec = arch_spec(model)
+    # A peft PeftModel: look inside its base model; names stay qualified from the PeftModel itself.
+    root, prefix = (model.get_base_model(), "base_model.model.") if _is_peft_model(model) else (model, "")
     for path in spec.layers:
-        found = _get(model, path)
+        found = _get(root, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return path, found
+            return prefix + path, found
     raise UnsupportedModelError(
         f"{_describe(model)}: no decoder layer list found (looked for a non-empty nn.ModuleList at "
         f"{', '.join(spec.layers)})"
     )
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -430,15 +436,23 @@ def _check_layer_indices(indices: Iterable[int], n_layers: int) -> list[int]:
     return sorted(chosen)
 
 
+def _base_layer(module: nn.Module | None) -> nn.Module | None:
+    """The layer a PEFT tuner layer wraps (a LoRA ``lora.Linear`` → its ``base_layer``); any other module itself."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
 def _is_linear(module: nn.Module | None) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    # A LoRA layer at a role's place is a site too: the video delta then adds to base + LoRA output.
+    return isinstance(_base_layer(module), (nn.Linear, Conv1D))
 
 
 def _dims(module: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, transposed) of a Linear or Conv1D.
+    """(in_features, out_features, transposed) of a Linear or Conv1D (or of the layer a PEFT layer wraps).
 
     Read from the module's attributes, not its weight shape, which quantized Linear subclasses pack.
     """
+    module = _base_layer(module)
     if isinstance(module, Conv1D):
         return module.nx, module.nf, True
     return module.in_features, module.out_features, False
