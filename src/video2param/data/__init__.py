@@ -15,6 +15,7 @@ from .moving_shapes import (
     moving_shapes_vocabulary,
 )
 from .tokenizer import build_word_tokenizer, moving_shapes_tokenizer
+from .video_qa import VideoQADataset, VideoQARecord, read_video_qa
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,6 +28,8 @@ __all__ = [
     "SceneObject",
     "VideoQA",
     "VideoQACollator",
+    "VideoQADataset",
+    "VideoQARecord",
     "build_word_tokenizer",
     "chance_accuracy",
     "evaluate",
@@ -34,5 +37,6 @@ __all__ = [
     "make_splits",
     "moving_shapes_tokenizer",
     "moving_shapes_vocabulary",
+    "read_video_qa",
     "stack_videos",
 ]
