@@ -14,7 +14,7 @@ from video2param.video.cache import FeatureCache
 from video2param.video.encoder import VisionEncoder
 
 WORDS = ("what is the man holding a red umbrella where he going into station colour of car blue user assistant "
-         "system you are helpful : .").split()
+         "system you are helpful : . ? question answer").split()
 FRAMES = 4
 
 
@@ -80,7 +80,8 @@ def test_items_decode_lazily_through_the_cache_and_supervise_only_the_answers(tm
         assert item["labels"][item["input_ids"] == video_id].eq(IGNORE_INDEX).all()
     assert _answers(tok, first) == "a red umbrella . </s>"
     assert _answers(tok, ds[1]) == "blue . </s> into the station . </s>"
-    assert tok.decode(first["input_ids"].tolist()).startswith("<s> <video> what is the man holding")
+    assert tok.decode(first["input_ids"].tolist()) == (
+        "<s> <video> question : what is the man holding ? answer : a red umbrella . </s>")
     second = tok.decode(ds[1]["input_ids"].tolist())
     assert second.index("<video>") < second.index("colour")  # put in front of the first human turn
 

@@ -16,7 +16,8 @@ row raises ``ValueError`` naming the file, the row and the problem; videos are d
 is read (``VisionEncoder.encode_video``, with a ``FeatureCache`` on disk so each video is encoded once).
 
 Each item is ``{"input_ids", "labels", "videos"}``: the conversation rendered with the tokenizer's chat template when
-it has one (otherwise each user turn, a newline, then the answer and the end-of-sequence token), and labels ``-100``
+it has one (otherwise the library's prompt format, ``<video> question: ... answer:`` then the answer and the
+end-of-sequence token, as ``video2param ask`` asks), and labels ``-100``
 everywhere but on the answers (each assistant turn, with what the template puts after it, e.g. ``<|im_end|>``).
 :meth:`VideoQADataset.collate` pads a batch for ``VideoModel.forward`` / ``transformers.Trainer``.
 
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .collate import IGNORE_INDEX, stack_videos
+from .collate import IGNORE_INDEX, format_prompt, stack_videos
 
 __all__ = ["VIDEO_MARK", "VideoQADataset", "VideoQARecord", "read_video_qa"]
 
@@ -216,12 +217,18 @@ class VideoQADataset(Dataset):
         turns = [(role, text.replace(VIDEO_MARK, self.video_token)) for role, text in record.turns]
         if self.uses_chat_template:
             return self._template_segments(record, turns)
+        # Without a template: the library's prompt format (``format_prompt``, as MovingShapes and ``ask`` use it),
+        # "<video> question: ... answer:" then " <answer></s>"; a system turn is plain text in front.
         segments: list[tuple[str, bool, bool]] = []
         for role, text in turns:
             if role == "assistant":
                 segments.append((" " + text.strip(), True, False))  # the tokenize step appends eos to answers
+            elif role == "user":
+                mark = self.video_token if self.video_token in text else None
+                question = " ".join(text.replace(self.video_token, " ").split())
+                segments.append((format_prompt(question, mark), False, not segments))
             else:
-                segments.append((text.strip() + "\n", False, not segments))  # bos (if any) once, in front
+                segments.append((text.strip(), False, not segments))  # bos (if any) once, in front
         return segments
 
     def _template_segments(self, record: VideoQARecord, turns) -> list[tuple[str, bool, bool]]:
