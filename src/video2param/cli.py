@@ -1,4 +1,4 @@
-"""Command line: `video2param demo | ask | bench` (also `python -m video2param ...`)."""
+"""Command line: `video2param demo | ask | train | bench` (also `python -m video2param ...`)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--frames", type=int, default=None, help="Frames to sample (default: the adapter's num_frames).")
     ask.add_argument("--max-new-tokens", type=int, default=32)
     ask.add_argument("--revision", default=None, help="Hub revision of the adapter.")
+
+    from .train_cli import add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="Train a video adapter on a video QA file (.jsonl/.json of "
+                                                     "video paths and conversations) with checkpoints that resume."))
     return parser
 
 
@@ -68,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"video2param ask: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "train":
+        from .train_cli import run_train_command
+
+        return run_train_command(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -52,6 +52,26 @@ class VideoTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # Read before an engine shards the weights (FSDP, ZeRO-3), when every rank still holds the whole LLM.
         self._base_fingerprint = self._video_model().fingerprint
+        self._tokenizer = self.processing_class  # saved into every checkpoint (llm/)
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; a tokenizer given as ``processing_class`` is aligned with the LLM's config.
+
+        (``Trainer.train`` aligns the tokenizer's special tokens with ``model.config``, which for a ``VideoModel`` is
+        the adapter's config: the LLM's is the right one, so that step is done here and skipped there.)
+        """
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.trainer_utils import align_special_tokens
+
+        tokenizer = self.processing_class
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            return super().train(*args, **kwargs)
+        align_special_tokens(self._video_model().llm, tokenizer)
+        self.processing_class = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.processing_class = tokenizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         vm = self._video_model()
@@ -60,10 +80,10 @@ class VideoTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is not None and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             # The engine gathered the full state dict for this rank: the live parameters hold only shards.
-            save_training_checkpoint(vm, output_dir, tokenizer=self.processing_class, state_dict=state_dict,
+            save_training_checkpoint(vm, output_dir, tokenizer=self._tokenizer, state_dict=state_dict,
                                      fingerprint=self._base_fingerprint)
         else:
-            save_training_checkpoint(vm, output_dir, tokenizer=self.processing_class)
+            save_training_checkpoint(vm, output_dir, tokenizer=self._tokenizer)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_training_checkpoint(self._video_model(), resume_from_checkpoint)
