@@ -156,7 +156,7 @@ def load_training_checkpoint(vm, directory: str | os.PathLike) -> None:
     The adapter's config must be the model's; every tensor is checked (names, shapes, finite values) before any is
     copied. Raises FileNotFoundError naming a missing file and ValueError for a checkpoint that does not fit.
     """
-    from .llm_lora import LORA_SUBDIR, llm_lora_config, load_llm_lora_state, read_llm_lora
+    from .llm_lora import LORA_SUBDIR, llm_lora_config, llm_lora_live_names, load_llm_lora_state, read_llm_lora
     from .serialization import check_state, read_adapter
 
     directory = Path(directory)
@@ -175,6 +175,22 @@ def load_training_checkpoint(vm, directory: str | os.PathLike) -> None:
     lora_state = None
     if entry is not None:
         _, lora_state = read_llm_lora(directory / ADAPTER_SUBDIR / LORA_SUBDIR, expected_sha256=entry["weights_sha256"])
+    if _is_sharded(vm):
+        # FSDP2 / DTensor parameters: every rank passes the full tensors, torch keeps each rank's shard.
+        if _trains_whole_llm(vm):
+            raise ValueError("stage 'sft' trains the whole LLM; under FSDP resume it from the engine's own checkpoints")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {f"method.{k}": v for k, v in loaded.state.items()}
+        if lora_state is not None:
+            names = llm_lora_live_names(vm.llm)
+            if set(names) != set(lora_state):
+                raise ValueError(f"checkpoint {directory}: its LLM LoRA does not fit this model's")
+            full.update({f"llm.{names[k]}": v for k, v in lora_state.items()})
+        # In the model's own order on every rank (safetensors gives no fixed order): each tensor is a collective.
+        full = {k: full[k] for k in vm.state_dict(keep_vars=True) if k in full}
+        set_model_state_dict(vm, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     llm_state = _read_llm_weights(directory / LLM_SUBDIR) if _trains_whole_llm(vm) else None
     with torch.no_grad():
         vm.method.load_state_dict(loaded.state, strict=True)
@@ -182,6 +198,14 @@ def load_training_checkpoint(vm, directory: str | os.PathLike) -> None:
             load_llm_lora_state(vm.llm, lora_state)
         if llm_state is not None:
             _load_llm_weights(vm.llm, llm_state, directory / LLM_SUBDIR)
+
+
+def _is_sharded(vm) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in vm.method.parameters())
 
 
 # ---- the whole LLM (stage sft without a LoRA) -----------------------------------------------------------------
