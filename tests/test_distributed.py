@@ -1,6 +1,6 @@
 """Two CPU processes on gloo: DDP through VideoTrainer trains exactly like one process with the same global batch
-(vipe and llava), and FSDP2 sharding (the engine for large LLMs) leaves the weight path, the LoRA on the LLM, the
-gathered save and the sharded load intact.
+(vipe and llava), FSDP2 sharding (the engine for large LLMs) leaves the weight path, the LoRA on the LLM, the
+gathered save and the sharded load intact, and VideoTrainer under Trainer's own FSDP2 resumes exactly.
 
 One spawn of two processes runs all three checks (process start-up dominates the time); the single-process
 references run in the test process itself.
@@ -140,6 +140,29 @@ def _fsdp_check(rank: int, out_dir: str) -> None:
             f.write(repr(float(loss)))
 
 
+def _fsdp_trainer_resume(rank: int, out_dir: str) -> None:
+    """VideoTrainer under Trainer's own FSDP2: 4 steps with a checkpoint at 2, then a resume from it."""
+    from transformers import TrainingArguments
+
+    from video2param.trainer import VideoTrainer
+
+    output = os.path.join(out_dir, "fsdp_trainer")
+    args = TrainingArguments(output_dir=output, max_steps=4, per_device_train_batch_size=PER_DEVICE, learning_rate=1e-3,
+                             save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True, seed=7, fsdp=True,
+                             fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                          "state_dict_type": "FULL_STATE_DICT"})
+    runs = []
+    for resume in (None, os.path.join(output, "checkpoint-2")):
+        trainer = VideoTrainer(model=_build("vipe", lora=True), args=args, train_dataset=_Rows(_tok()),
+                               data_collator=_collate)
+        trainer.train(resume_from_checkpoint=resume)
+        runs.append([e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > 2])
+    if rank == 0:
+        with open(os.path.join(out_dir, "fsdp_trainer_losses.txt"), "w") as f:
+            f.write(repr(runs))
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -149,6 +172,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         if rank == 0:
             save_file(state, os.path.join(out_dir, f"ddp_{kind}.safetensors"))
     _fsdp_check(rank, out_dir)
+    _fsdp_trainer_resume(rank, out_dir)
     torch.distributed.destroy_process_group()
 
 
@@ -207,3 +231,13 @@ def test_fsdp2_sharding_trains_saves_and_reloads_like_the_unsharded_model(two_pr
     for key in trained:
         torch.testing.assert_close(reloaded[key], trained[key], rtol=0, atol=0, msg=key)
     assert float(loss) > 0
+
+
+def test_trainer_with_fsdp2_saves_adapter_checkpoints_and_resumes_from_them(two_processes):
+    import ast
+
+    uninterrupted, resumed = ast.literal_eval((two_processes / "fsdp_trainer_losses.txt").read_text())
+    assert len(uninterrupted) == 2
+    assert resumed == pytest.approx(uninterrupted, abs=1e-6)
+    checkpoint = two_processes / "fsdp_trainer" / "checkpoint-2" / "adapter"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "llm_lora").is_dir()
