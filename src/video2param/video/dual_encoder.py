@@ -118,7 +118,7 @@ class DualEncoder(VisionEncoder):
         """Width E of the joint space (projected patches and text embeddings)."""
         probe = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            return int(self._project(probe).shape[-1])
+            return int(self.project_patches(probe).shape[-1])
 
     def position_table(self) -> torch.Tensor:
         """The text tower's own (frozen) position embeddings, (text_max_positions, text_hidden_size)."""
@@ -147,10 +147,12 @@ class DualEncoder(VisionEncoder):
             )
         with torch.no_grad():
             x = features.to(device=self.device, dtype=self.dtype)
-            return {PROJECTED: F.normalize(self._project(x).float(), dim=-1).to(self.dtype)}
+            return {PROJECTED: F.normalize(self.project_patches(x).float(), dim=-1).to(self.dtype)}
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.tower.post_layernorm(x)
+    def project_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., Dv) patch features → (..., E) in the joint space, not normalised (differentiable; the projected
+        view is this, L2-normalised)."""
+        x = self.tower.post_layernorm(features)
         if self.family == "clip":
             return self.visual_projection(x)
         return _siglip_head_per_patch(self.tower.head, x)
