@@ -1,7 +1,8 @@
 """video2param: make any HuggingFace causal LM understand video.
 
 Public API: ``VideoAdapterConfig``, ``wrap_model``, ``VideoModel``, ``register_method`` and the method/context
-types; ``load_video`` and ``VisionEncoder`` for video files.
+types; ``load_video`` and ``VisionEncoder`` for video files; ``DualEncoder`` (CLIP/SigLIP) and ``VideoFeatures``
+(precomputed features with their vision views).
 """
 
 __version__ = "0.1.0.dev0"
@@ -37,6 +38,8 @@ __all__ = [
     "wrap_model",
     "VisionEncoder",
     "VideoDecodeError",
+    "DualEncoder",
+    "VideoFeatures",
 ]
 
 
@@ -50,4 +53,12 @@ def __getattr__(name: str):
         from .video.encoder import VisionEncoder
 
         return VisionEncoder
+    if name == "DualEncoder":
+        from .video.dual_encoder import DualEncoder
+
+        return DualEncoder
+    if name == "VideoFeatures":
+        from .videos import VideoFeatures
+
+        return VideoFeatures
     raise AttributeError(f"module 'video2param' has no attribute {name!r}")

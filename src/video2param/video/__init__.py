@@ -1,7 +1,9 @@
 """Video input: decode and sample files (:mod:`.io`), encode frames with a vision tower (:mod:`.encoder`),
-cache features on disk (:mod:`.cache`). PyAV is imported only when a file is decoded."""
+cache features on disk (:mod:`.cache`); a CLIP/SigLIP dual encoder (:mod:`.dual_encoder`). PyAV is imported only
+when a file is decoded."""
 
 from .cache import FeatureCache
+from .dual_encoder import DualEncoder
 from .encoder import EncodedVideo, FramePreprocessing, VisionEncoder
 from .io import (
     DecodeStats,
@@ -17,6 +19,7 @@ from .io import (
 
 __all__ = [
     "DecodeStats",
+    "DualEncoder",
     "EncodedVideo",
     "FeatureCache",
     "FramePreprocessing",
