@@ -80,7 +80,7 @@ def require_triton(why: str = "the Triton kernels need it") -> ModuleType:
     module = _triton_module()
     if module is None:
         raise KernelBackendError(
-            f"Triton is not installed ({_triton_error}), but {why}. Install it with {INSTALL_HINT} "
+            f"Triton is not installed ({_triton_error or 'it does not import'}), but {why}. Install it with {INSTALL_HINT} "
             f"(Linux with an NVIDIA GPU), or unset {ENV_VAR} to use the PyTorch path"
         )
     return module
