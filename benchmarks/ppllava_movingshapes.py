@@ -184,6 +184,35 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def cost_table(frames: int, grid: int, seed: int = 0, repeats: int = 5) -> str:
+    """Visual tokens, LLM FLOPs and TTFT of llava and ppllava (default windows (2, 3, 3)) at ``frames`` frames of a
+    ``grid`` × ``grid`` patch grid, on the demo's LM; weights are random (costs do not depend on them)."""
+    tokenizer = moving_shapes_tokenizer(demo_data_config())
+    width = 32
+    dual = DualEncoder(build_aligner(tokenizer, width, AlignerSettings()), text_tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(1, frames, grid * grid, width, generator=g)
+    reports = {}
+    for method in ("llava", "ppllava"):
+        torch.manual_seed(seed)
+        llm = build_small_llm(len(tokenizer) + 1, seed)
+        llm.config.max_position_embeddings = max(llm.config.max_position_embeddings, frames * grid * grid + 64)
+        helpers = {"text_encoder": dual} if method == "ppllava" else {}
+        vm = wrap_model(llm, method=method, vision_hidden_size=width, num_frames=frames, tokenizer=tokenizer,
+                        **helpers)
+        item = dataclasses.replace(make_splits(demo_data_config(), 1, 1)[1][0], video=feats[0])
+        enc = VideoQACollator(tokenizer, vm.video_token, train=False)([item])
+        reports[method] = measure_costs(vm, enc["input_ids"], enc["attention_mask"], feats, repeats=repeats)
+    base = reports["llava"]
+    lines = [f"| frames × patches | method | visual tokens | LLM MFLOPs/answer | × llava | TTFT ms | × llava |",
+             "|---|---|---|---|---|---|---|"]
+    for method, r in reports.items():
+        ratios = r.ratios(base)
+        lines.append(f"| {frames} × {grid}² | {method} | {r.visual_tokens} | {r.llm_flops / 1e6:.1f} | "
+                     f"{ratios['flops_ratio']:.3f} | {1e3 * r.ttft_s:.1f} | {ratios['ttft_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -198,9 +227,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default="runs/ppllava")
+    parser.add_argument("--costs", type=int, nargs=2, metavar=("FRAMES", "GRID"), default=None,
+                        help="only measure costs of llava and ppllava at FRAMES frames of GRID x GRID patches")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.costs:
+        print(cost_table(*args.costs))
+        return
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
