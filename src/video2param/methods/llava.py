@@ -20,15 +20,13 @@ from .base import Conditioning, LLMInfo, TokenContext, VideoMethod, register_met
 @dataclass
 class LlavaOptions:
     spatial_pool: int = field(
-        default=1, metadata={"help": "Average-pool the square patch grid by this stride before projecting (1 = keep every patch)."}
+        default=1,
+        metadata={"help": "Average-pool the square patch grid by this stride before projecting (1 = keep every patch).",
+                  "min": 1, "max": 64},
     )
     temporal_embedding: bool = field(
         default=True, metadata={"help": "Add a learned per-frame position embedding so the order of frames is visible."}
     )
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.spatial_pool, int) or isinstance(self.spatial_pool, bool) or self.spatial_pool < 1:
-            raise ValueError(f"options.spatial_pool: expected an integer >= 1, got {self.spatial_pool!r}")
 
 
 @register_method
