@@ -20,7 +20,9 @@ VIPE = dict(method="vipe", rank=4, inject_every=2, vision_hidden_size=DV, num_fr
 
 def _trained_vipe(arch: str, seed: int = 0) -> VideoModel:
     """A ViPE model whose static W_l is non-zero, as after training (it starts at zero: identity)."""
-    vm = wrap_model(make_tiny_lm(arch, seed=seed), **VIPE)
+    llm = make_tiny_lm(arch, seed=seed)
+    torch.manual_seed(seed)  # the method's own init: the same model whatever ran before
+    vm = wrap_model(llm, **VIPE)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in vm.method.W_l.values():
@@ -93,8 +95,9 @@ def test_per_module_ranks_with_rank_pattern(tmp_path):
     assert config.alpha_pattern == config.rank_pattern
     peft_model = PeftModel.from_pretrained(make_tiny_lm("gpt2"), out).eval()
     with torch.no_grad():
+        # PEFT adds each module's delta as one rank-12 product, the video model per role: fp32 order differs
         torch.testing.assert_close(peft_model(input_ids=ids, attention_mask=mask).logits, expected,
-                                   atol=1e-5, rtol=1e-5)
+                                   atol=5e-5, rtol=1e-5)
 
 
 def test_ready_context_and_dtype(tmp_path):
