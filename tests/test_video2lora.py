@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -158,6 +159,21 @@ def test_composition_of_segments_is_the_sum_of_their_deltas_plus_the_bias_once()
         assert bias.abs().max() > 0  # the bias LoRA is really there (awake), and counted once
 
 
+def test_inference_writes_segments_in_place_and_matches_the_training_path():
+    vm = wake(build(inject_every=1)[0])
+    feats = random_features(2, frames=3 * FRAMES, seed=8)
+    frame_mask = torch.ones(2, 3 * FRAMES, dtype=torch.bool)
+    frame_mask[:, 2 * FRAMES:] = False  # a segment of padding for both videos: skipped, the buffer was wider
+    for mask in (None, frame_mask):
+        with torch.no_grad():
+            streamed = vm.encode_video(feats, mask)
+        trained = vm.encode_video(feats, mask)  # gradients on: the segments are concatenated
+        for key, d in streamed.deltas.items():
+            assert d.A.is_contiguous() and d.B.is_contiguous()
+            torch.testing.assert_close(d.A, trained.deltas[key].A.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(d.B, trained.deltas[key].B.detach(), rtol=0, atol=0)
+
+
 def test_per_sample_loras_in_one_batch_equal_each_alone_also_with_different_lengths():
     vm = wake(build(arch="gpt2")[0])
     tok = vm.tokenizer
@@ -215,6 +231,8 @@ def test_teacher_is_held_frozen_outside_the_state_dict_and_follows_to():
     assert not any(p.requires_grad for p in teacher.method.parameters())
     vm.to(torch.float64)
     assert next(teacher.method.parameters()).dtype == torch.float64
+    twin = copy.deepcopy(vm)  # the copy's teacher reads with the copy's LLM
+    assert twin.teacher is not teacher and twin.teacher.llm is twin.llm
 
 
 def test_saved_teacher_directory_is_recorded_and_reloaded(tmp_path):

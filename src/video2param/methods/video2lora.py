@@ -22,6 +22,7 @@ the delta is the sum of the segment deltas plus the bias delta.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -231,8 +232,17 @@ class Video2LoRAMethod(VideoMethod):
         if cond is None or cond.read_llm is None or cond.teacher is None or cond.tokenizer is None:
             raise ValueError("video2lora: encode needs the LLM read-out, the tokenizer and the teacher "
                              "(call it through VideoModel, built with tokenizer= and teacher=)")
-        b, t = features.shape[:2]
-        segments: list[Segment] = []
+        segments = self.segment_loras(features, frame_mask, cond)
+        if torch.is_grad_enabled():
+            return self.compose(list(segments))
+        # Inference: write each segment into the composed factors as it comes, so the peak memory is the LoRA
+        # itself plus one segment's read-out (a list then a concatenation would hold the LoRA twice).
+        return self._compose_streaming(segments, math.ceil(features.shape[1] / self.segment_frames))
+
+    def segment_loras(self, features: torch.Tensor, frame_mask: torch.Tensor | None,
+                      cond: Conditioning) -> Iterator[Segment]:
+        """One generated LoRA per segment of ``segment_frames`` frames, each segment read by the teacher alone."""
+        t = features.shape[1]
         for start in range(0, t, self.segment_frames):
             stop = min(start + self.segment_frames, t)
             seg_mask = None if frame_mask is None else frame_mask[:, start:stop]
@@ -255,8 +265,7 @@ class Video2LoRAMethod(VideoMethod):
                 # A video shorter than its batch-mates has no frame here: its segment adds nothing.
                 keep = present.to(hidden.dtype)[:, None, None]
                 segment = Segment({k: (A * keep, B) for k, (A, B) in segment.factors.items()})
-            segments.append(segment)
-        return self.compose(segments)
+            yield segment
 
     def compose(self, segments: list[Segment]) -> WeightContext:
         """Concatenate segment LoRAs along the rank axis, the bias LoRA once: delta = Σ_segments + bias."""
@@ -272,6 +281,34 @@ class Video2LoRAMethod(VideoMethod):
                 A_parts.append(self.bias_A[name][None].expand(batch, -1, -1).to(A_parts[0].dtype))
                 B_parts.append(self.bias_B[name][None].expand(batch, -1, -1).to(B_parts[0].dtype))
             deltas[key] = LowRank(torch.cat(A_parts, dim=1), torch.cat(B_parts, dim=2), self.delta_scale)
+        return WeightContext(deltas)
+
+    def _compose_streaming(self, segments: Iterator[Segment], max_segments: int) -> WeightContext:
+        """``compose`` for segments that arrive one by one (no autograd): preallocated factors, filled in place."""
+        r = self.rank
+        buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        used = 0
+        for segment in segments:
+            for key, (A, B) in segment.factors.items():
+                if key not in buffers:
+                    width = (max_segments + 1) * r
+                    buffers[key] = (A.new_empty(A.shape[0], width, A.shape[2]), B.new_empty(B.shape[0], B.shape[1],
+                                                                                            width))
+                buffers[key][0][:, used * r:(used + 1) * r] = A
+                buffers[key][1][:, :, used * r:(used + 1) * r] = B
+            used += 1
+        if not used:
+            raise ValueError("video2lora: no segment to compose")
+        deltas = {}
+        for key, (A, B) in buffers.items():
+            name = _param_name(key)
+            width = used * r
+            if self.options.bias_lora:
+                A[:, width:width + r] = self.bias_A[name].to(A.dtype)
+                B[:, :, width:width + r] = self.bias_B[name].to(B.dtype)
+                width += r
+            # Contiguous: a copy only when segments of padding were skipped (the buffer is wider than needed).
+            deltas[key] = LowRank(A[:, :width].contiguous(), B[:, :, :width].contiguous(), self.delta_scale)
         return WeightContext(deltas)
 
     def compose_contexts(self, contexts: list[WeightContext]) -> WeightContext:
