@@ -8,8 +8,10 @@ reads with a word tokenizer built in code.
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from itertools import product
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +351,33 @@ def _clip_of(dual: DualEncoder):
     with torch.no_grad():
         model.logit_scale.fill_(math.log(dual.logit_scale))
     return model.eval()
+
+
+# ---- the aligned text tower for the demo's front end ---------------------------------------------------------
+def test_aligning_a_text_tower_to_the_demo_front_end_concentrates_the_relevance():
+    from video2param.data import MovingShapesConfig, make_splits, moving_shapes_tokenizer
+    from video2param.data.features import encode_dataset
+    from video2param.data.front_end import ObjectGridConfig, ObjectGridFrontEnd
+    from video2param.data.text_alignment import (AlignerSettings, build_aligner, load_or_align, relevance_quality,
+                                                 target_tokens)
+
+    data = MovingShapesConfig(num_frames=6, seed=0)
+    train_set, test_set = make_splits(data, 96, 48)
+    encoder = ObjectGridFrontEnd(ObjectGridConfig(image_size=data.frame_size)).vision_encoder(progress=False)
+    train_items = encode_dataset(train_set, encoder, progress=False)
+    test_items = encode_dataset(test_set, encoder, progress=False)
+    tok = moving_shapes_tokenizer(data)
+    item = train_items[0]
+    target = target_tokens(item.video, item.question, item.answer, item.qtype, data.colors)
+    assert target.shape == item.video.shape[:2] and target.any()
+    settings = AlignerSettings(width=32, layers=1, heads=2, embed=16, steps=60, batch=32)
+    random_dual = DualEncoder(build_aligner(tok, item.video.shape[-1], settings), text_tokenizer=tok)
+    before = relevance_quality(random_dual, tok, test_items, test_items, data.colors)
+    dual, after = load_or_align(tmp := Path(tempfile.mkdtemp()), tok, (train_items, train_items),
+                                (test_items, test_items), data.colors, settings, log=lambda _: None, frames=6)
+    assert after["target_mass"] > before["target_mass"] + 0.2
+    assert after["target_mass"] > after["uniform_target_mass"] + 0.2
+    cached, again = load_or_align(tmp, tok, (train_items, train_items), (test_items, test_items), data.colors,
+                                  settings, log=lambda _: None, frames=6)
+    assert again == after
+    torch.testing.assert_close(cached.encode_text(["what shape ?"]), dual.encode_text(["what shape ?"]))
