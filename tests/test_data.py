@@ -285,6 +285,7 @@ def test_single_object_types_ask_about_a_lone_object_without_naming_it():
         assert answer_from_pixels(item.video, item.question, cfg) == item.answer
         if item.qtype in plain:
             assert item.question == plain[item.qtype] and len(ds.scene(i).objects) == 1
+            assert len(ds.scene(i).objects[0].positions) == cfg.num_frames  # on screen in every frame
         objects[item.qtype, len(ds.scene(i).objects)] += 1
     assert objects["order", 2] == 40 and {objects["count", 1], objects["count", 2]} == {20}
     assert set(moving_shapes_vocabulary(cfg)) >= {"object", "way", "move"}

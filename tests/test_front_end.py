@@ -55,7 +55,7 @@ def test_two_centres_in_one_cell_keep_both_objects():
 
 def test_blank_frames_give_zeros_and_bad_input_is_refused():
     front_end = ObjectGridFrontEnd()
-    assert torch.equal(front_end(torch.zeros(3, 3, 32, 32)), torch.zeros(3, 16, 25))
+    assert torch.equal(front_end(torch.zeros(3, 3, 32, 32)), torch.zeros(3, 4, 25))
     with pytest.raises(ValueError, match="pixel_values"):
         front_end(torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="multiple of grid"):

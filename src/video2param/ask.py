@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+@contextmanager
+def hf_progress_bars_off() -> Iterator[None]:
+    """Silence transformers' own progress bars (loading or writing a tiny checkpoint) for a block, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class Asker:
@@ -28,7 +44,8 @@ class Asker:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.encoder, self.standardizer = load_vision(vision)
-        model = AutoModelForCausalLM.from_pretrained(llm)
+        with hf_progress_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(llm)
         self.model = VideoModel.from_pretrained(model, adapter, vision=self.encoder, tokenizer=self.tokenizer,
                                                 revision=revision)
         self.model.eval()

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from .ask import hf_progress_bars_off
 from .bench import CostReport, measure_costs
 from .config import VideoAdapterConfig
 from .data import MovingShapesConfig, VideoQACollator, chance_accuracy, evaluate, make_splits, moving_shapes_tokenizer
@@ -48,7 +49,7 @@ class DemoConfig:
 
     method: str = field(default="vipe", metadata={"help": "Method to compare with the llava baseline, or 'all' for "
                                                           "every registered method."})
-    steps: int = field(default=1000, metadata={"help": "Training steps per method."})
+    steps: int = field(default=1200, metadata={"help": "Training steps per method."})
     frames: int = field(default=8, metadata={"help": "Frames per MovingShapes video."})
     seed: int = field(default=0, metadata={"help": "Seed of data, models and training."})
     output_dir: str = field(default="runs/demo", metadata={"help": "Where adapters, LMs, the MP4 and results.json go."})
@@ -62,7 +63,10 @@ class DemoConfig:
     vision: str | None = field(default=None, metadata={"help": "HF vision tower name or path (default: the demo's "
                                                                "object-grid front end)."})
     stage: str = field(default="sft", metadata={"help": "What trains: sft = adapter + LLM, pretrain = adapter only."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    threads: int | None = field(default=1, metadata={"help": "torch CPU threads; 0 = torch's choice. One by default: "
+                                                         "the demo's small matrices gain little from more, and on a "
+                                                         "busy machine extra threads make each step many times "
+                                                         "slower."})
     progress: bool = field(default=True, metadata={"help": "Progress bars for encoding, training and evaluation."})
 
     def __post_init__(self) -> None:
@@ -95,7 +99,8 @@ class MethodSettings:
 #: Per-method settings of the demo. A method registered later and missing here trains with DEFAULT_SETTINGS.
 #: The library defaults are the papers', for 7B LMs; these are sized for the demo's ~1M-parameter LM.
 METHOD_SETTINGS: dict[str, MethodSettings] = {
-    "llava": MethodSettings(lr=2e-3, why="the best of 1e-3 / 2e-3 / 3e-3 on MovingShapes (docs/results.md)"),
+    "llava": MethodSettings(lr=2e-3, why="the rate of the calibration runs; learns every question type in the "
+                                         "demo budget (docs/results.md); other rates not measured on this front end"),
     "vipe": MethodSettings(
         lr=5e-4,
         adapter={"rank": 16, "alpha": 32.0, "inject_every": 1,
@@ -117,9 +122,15 @@ def method_options(method: str, frames: int) -> dict[str, Any]:
     return {"num_frames": frames, **method_settings(method).adapter}
 
 
+#: Question types the demo asks about a lone object (see MovingShapesConfig.single_object_types): the baseline
+#: learns binding a shape name to one of two objects, and motion while finding when an object is on screen, far
+#: more slowly than this budget allows (docs/results.md).
+SINGLE_OBJECT_TYPES = ("color", "shape", "direction")
+
+
 def demo_data_config(frames: int = 8, seed: int = 0) -> MovingShapesConfig:
-    """The MovingShapes settings of the demo."""
-    return MovingShapesConfig(num_frames=frames, seed=seed)
+    """The MovingShapes settings of the demo: 32-px frames, 1–2 objects, colour/shape/direction about a lone one."""
+    return MovingShapesConfig(num_frames=frames, seed=seed, single_object_types=SINGLE_OBJECT_TYPES)
 
 
 def build_small_llm(vocab_size: int, seed: int):
@@ -148,7 +159,8 @@ def build_small_vision(image_size: int, seed: int):
 
 
 def demo_front_end(image_size: int) -> ObjectGridFrontEnd:
-    """The demo's default vision front end (see :mod:`video2param.data.front_end`)."""
+    """The demo's default vision front end (see :mod:`video2param.data.front_end`): a 2 × 2 grid, 4 tokens per
+    frame (a 4 × 4 grid costs 4× the LLM tokens for the same information: every object is one token either way)."""
     from .data.front_end import ObjectGridConfig
 
     return ObjectGridFrontEnd(ObjectGridConfig(image_size=image_size))
@@ -247,12 +259,29 @@ def _vision(cfg: DemoConfig, data_cfg: MovingShapesConfig):
 def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_width: int, train_feats, test_feats,
                      out_dir: Path, log) -> tuple[dict[str, Any], CostReport]:
     """Train one method from the common starting point, score it, measure its costs, save it for ``ask``."""
+    from .methods.base import get_method
+
     settings = method_settings(name)
     lr = cfg.lr if cfg.lr is not None else settings.lr
-    log(f"\n== {name}: {cfg.steps} steps, batch {cfg.batch_size}, lr {lr:g}, stage {cfg.stage} ==")
+    needs = get_method(name).needs
+    if "text_encoder" in needs:
+        raise ValueError(f"{name} reads the question with a CLIP/SigLIP text tower, which the demo's runs do not "
+                         "load; train it with its own script (docs/methods.md)")
+    stage, teacher, llm = cfg.stage, None, None
+    if "teacher" in needs:
+        # A method that learns from a token adapter reading the video (Video2LoRA) starts where the paper does:
+        # the trained baseline (its LM and adapter, frozen) is the teacher; only the method's own modules train.
+        stage, teacher = "pretrain", str((out_dir / BASELINE / "adapter").resolve())
+        with hf_progress_bars_off():
+            from transformers import AutoModelForCausalLM
+
+            llm = AutoModelForCausalLM.from_pretrained(out_dir / BASELINE / "llm")
+    log(f"\n== {name}: {cfg.steps} steps, batch {cfg.batch_size}, lr {lr:g}, stage {stage}"
+        + (f", teacher: the trained {BASELINE}" if teacher else "") + " ==")
     torch.manual_seed(cfg.seed)
     config = VideoAdapterConfig(method=name, vision_hidden_size=vision_width, **method_options(name, cfg.frames))
-    vm = wrap_model(make_llm(), config, tokenizer=tokenizer, stage=cfg.stage)
+    vm = wrap_model(llm if llm is not None else make_llm(), config, tokenizer=tokenizer, stage=stage,
+                    teacher=teacher)
     collate = VideoQACollator(tokenizer, vm.video_token, train=True)
     result = train(vm, train_feats, collate,
                    TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed,
@@ -262,11 +291,12 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
     cost = _costs(vm, tokenizer, test_feats)
     method_dir = out_dir / name
     vm.save_pretrained(method_dir / "adapter", metrics=dict(acc))
-    vm.save_base_model(method_dir / "llm")  # stage sft trains the LM too: ask needs these weights
+    with hf_progress_bars_off():
+        vm.save_base_model(method_dir / "llm")  # stage sft trains the LM too: ask needs these weights
     tokenizer.save_pretrained(method_dir / "llm")
     log(f"  accuracy {json.dumps({k: round(100 * v, 1) for k, v in acc.items()})}; "
         f"{result.seconds:.0f}s of training; saved to {method_dir}/")
-    row = {"accuracy": acc, "lr": lr, "train_step_s": result.step_time, "train_seconds": result.seconds,
+    row = {"accuracy": acc, "lr": lr, "stage": stage, "teacher": teacher, "train_step_s": result.step_time, "train_seconds": result.seconds,
            "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens, "llm_flops": cost.llm_flops,
            "ttft_s": cost.ttft_s}
     return row, cost
@@ -281,9 +311,9 @@ def _costs(vm: VideoModel, tokenizer, items) -> CostReport:
 TABLE_NOTE = (
     "Accuracy in % on the held-out questions; chance = the best guess from the question alone (answers are "
     "balanced).\nLLM FLOPs are counted with attention; TTFT = time to the first answer token with the video "
-    "encoded beforehand.\nOn this ~1M-parameter LM a forward pass costs ~10 ms of fixed framework overhead whatever "
-    "its length,\nso the TTFT and train-step ratios say little about larger LMs: see benchmarks/method_costs.py "
-    "and docs/results.md."
+    "encoded beforehand.\nOn this ~1M-parameter LM a generate() call spends ~10 ms in fixed overhead whatever the "
+    "prompt length, and\nweight-space methods add per-layer hook calls, so the TTFT and train-step ratios say little "
+    "about larger LMs:\nbenchmarks/method_costs.py measures them on larger ones (docs/results.md)."
 )
 
 

@@ -54,7 +54,7 @@ class ObjectGridConfig:
     """Settings of :class:`ObjectGridFrontEnd`."""
 
     image_size: int = field(default=32, metadata={"help": "Frames are resized to image_size × image_size first."})
-    grid: int = field(default=4, metadata={"help": "Cells per side of the patch grid (grid² tokens per frame)."})
+    grid: int = field(default=2, metadata={"help": "Cells per side of the patch grid (grid² tokens per frame)."})
     shape_bins: int = field(default=4, metadata={"help": "Bins per side of the bounding-box occupancy grid."})
     threshold: float = field(default=0.3, metadata={"help": "A pixel is foreground when its brightest channel "
                                                             "exceeds this (pixels in [0, 1])."})

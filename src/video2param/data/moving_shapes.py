@@ -9,9 +9,10 @@ Each video shows 1..``max_objects`` coloured shapes on a plain black background,
 * ``order`` (temporal): ``which colour appears first?`` / ``which shape appears first?`` → a colour / a shape
 * ``count`` (temporal): ``how many objects are there?`` → a number word (one, two, ...)
 
-Types listed in ``single_object_types`` are asked only about videos with one object and name none (``what shape
-is the object?``, ``which way does the object move?``): they test seeing and motion without binding a name to
-one of several objects, which a small LM trained from scratch learns far more slowly (docs/results.md).
+Types listed in ``single_object_types`` are asked only about videos with one object, visible in every frame, and
+name none (``what shape is the object?``, ``which way does the object move?``): they test seeing and motion
+without binding a name to one of several objects or finding when it is on screen, which a small LM trained from
+scratch learns far more slowly (docs/results.md).
 
 Design choices that keep the benchmark honest:
 
@@ -110,8 +111,9 @@ class MovingShapesConfig:
     single_object_types: tuple[str, ...] = field(
         default=(),
         metadata={"help": "Question types asked only about videos with one object, phrased without naming it "
-                          "('what colour is the object?'): no binding of a name to an object is needed. Any of "
-                          "color, shape, direction."},
+                          "('what colour is the object?') and showing it in every frame: no binding of a name to "
+                          "one of several objects, no search for when it is visible. Any of color, shape, "
+                          "direction."},
     )
 
     def __post_init__(self) -> None:
@@ -418,7 +420,10 @@ def _sample_scene(cfg: MovingShapesConfig, rng: random.Random, qtype: str, answe
     fixed_direction = answer if qtype == "direction" else None
     colors = _distinct(rng, cfg.colors, n, fixed_color)
     shapes = _distinct(rng, cfg.shapes, n, fixed_shape)
-    first_frames, length = _windows(cfg, rng, n, first_is_zero=qtype == "order")
+    if alone:  # the lone object is on screen for the whole clip: the question is about seeing and motion only
+        first_frames, length = [0], cfg.num_frames
+    else:
+        first_frames, length = _windows(cfg, rng, n, first_is_zero=qtype == "order")
     for _ in range(_SCENE_TRIES):
         objects = _place(cfg, rng, colors, shapes, first_frames, length, fixed_direction)
         if objects is not None:
