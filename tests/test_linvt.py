@@ -76,6 +76,19 @@ def test_every_output_token_is_a_weighted_average_of_the_frame_tokens():
     torch.testing.assert_close(ctx.embeds, out.tokens)
 
 
+def test_the_mix_stays_in_0_1_and_keeps_learning_outside():
+    vm = build()
+    with torch.no_grad():
+        vm.method.attention_mix.copy_(torch.tensor([-0.5, 1.5]))
+    out = tokenize(vm, random_features(1, frames=4))
+    assert vm.method.mix.tolist() == [0.0, 1.0]
+    for weights in out.aggregation:  # still a convex combination
+        assert bool((weights >= 0).all())
+        torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]), rtol=0, atol=1e-6)
+    out.tokens.square().sum().backward()
+    assert bool((vm.method.attention_mix.grad.abs() > 0).all())  # straight through the clamp
+
+
 def test_a_video_of_one_repeated_vector_gives_that_vector_everywhere():
     vm = build(temporal_embedding=False)  # the same feature in every frame gives the same frame token everywhere
     feats = random_features(1, frames=1, patches=1).expand(1, 4, 4, DV).contiguous()

@@ -22,9 +22,9 @@ vision-language alignment (the frame projector) keeps working for video. The pip
    themselves: no value or output projection, every row of weights sums to one. The weights are
    ``W = Π + α_s (A − Π)``: A = softmax over tokens of ⟨query, key⟩/√d + score (the paper's query attention),
    Π = the *ordered selection*, which splits the scale's M tokens into ``n_s`` contiguous windows in temporal
-   order (one token per window when M ≤ n_s) and averages each window with weights softmax(score). α_s is a
-   learned scalar per scale, started at ``attention_mix_init`` (1 = the paper's TTA); the weights are
-   non-negative (a convex combination) while α_s stays in [0, 1].
+   order (one token per window when M ≤ n_s) and averages each window with weights softmax(score).
+   α_s = clamp(θ_s, 0, 1) for a learned scalar θ_s per scale started at ``attention_mix_init`` (1 = the paper's
+   TTA), so the weights are always non-negative: every output token is a convex combination of frame tokens.
 6. The scales' outputs are concatenated: ``sum(scale_queries)`` tokens per video, whatever the number of frames.
 
 What starting from a ``llava`` adapter guarantees (``init_projector_from``, which also sets α = 0): before any
@@ -300,6 +300,12 @@ class ScaleAggregator(nn.Module):
         return prior + mix.to(attention.dtype) * (attention - prior)
 
 
+def clamp_straight_through(raw: torch.Tensor) -> torch.Tensor:
+    """clamp(raw, 0, 1) whose gradient is the identity's: the value keeps the aggregation convex, and ``raw``
+    keeps learning after it leaves [0, 1] (a plain clamp would hold it outside, without gradient, for good)."""
+    return raw + (raw.clamp(0.0, 1.0) - raw).detach()
+
+
 # ---- the method -------------------------------------------------------------------------------------------------
 @dataclass
 class LinvtOutput:
@@ -349,6 +355,7 @@ class LinvtMethod(VideoMethod):
             ScaleAggregator(n, h, d, opt.num_heads, opt.tta_layers, opt.ffn_mult, opt.dropout)
             for n in opt.scale_queries
         )
+        # θ per scale; the aggregation uses α = clamp(θ, 0, 1) (see ``mix``).
         self.attention_mix = nn.Parameter(torch.full((len(opt.scale_queries),), float(opt.attention_mix_init)))
 
     def _frame_tokenizer_config(self):
@@ -362,6 +369,11 @@ class LinvtMethod(VideoMethod):
     @property
     def num_output_tokens(self) -> int:
         return sum(self.options.scale_queries)
+
+    @property
+    def mix(self) -> torch.Tensor:
+        """α per scale in W = Π + α (A − Π): 0 = ordered selection, 1 = the queries' attention."""
+        return clamp_straight_through(self.attention_mix)
 
     # ---- encoding ------------------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None,
@@ -390,12 +402,13 @@ class LinvtMethod(VideoMethod):
         text_mask[:, 0] |= ~has_text
         text = self.text_norm(text)
         outputs, scales, weights = [], [], []
+        mix = self.mix
         for s, (window, aggregator) in enumerate(zip(self.options.scale_windows, self.aggregators)):
             scale = pool_in_time(scores, selected, window)
             pooled = scale.gather(frame_tokens)  # (B, M, D)
             time = sinusoid(scale.time, self.options.hidden_dim).to(pooled.dtype)
             visual = self.token_proj(pooled) + time
-            agg = aggregator(visual, scale, text, text_mask, has_text, self.attention_mix[s])
+            agg = aggregator(visual, scale, text, text_mask, has_text, mix[s])
             outputs.append(agg.to(pooled.dtype) @ pooled)
             scales.append(scale)
             weights.append(agg)
