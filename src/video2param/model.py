@@ -99,7 +99,8 @@ class VideoModel(nn.Module):
         self.video_token_id: int | None = (
             ensure_video_token(tokenizer, config.video_token) if tokenizer is not None else None
         )
-        rows = int(llm.get_input_embeddings().weight.shape[0])
+        embedding = llm.get_input_embeddings()  # num_embeddings, not weight.shape: ZeRO-3 partitions the weight
+        rows = int(getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0])
         if self.video_token_id is not None and self.video_token_id >= rows:
             # Checked before any module is wrapped, so the caller can resize and wrap again.
             raise ValueError(

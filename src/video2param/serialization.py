@@ -114,7 +114,7 @@ class BaseModelFingerprint:
             model_type=str(getattr(cfg, "model_type", type(llm).__name__)),
             hidden_size=targets.hidden_size(llm),
             num_layers=targets.num_layers(llm),
-            vocab_size=int(llm.get_input_embeddings().weight.shape[0]),
+            vocab_size=_rows(llm.get_input_embeddings()),
             name=getattr(cfg, "_name_or_path", None) or None,
             weights_sample=sample_base_weights(llm),
         )
@@ -161,6 +161,12 @@ class BaseModelFingerprint:
         scale = max((abs(v) for v in theirs), default=0.0)
         atol = _SAMPLE_ATOL_FRACTION * scale + 1e-12
         return all(abs(a - b) <= atol + _SAMPLE_RTOL * abs(b) for a, b in zip(mine, theirs))
+
+
+def _rows(embedding: torch.nn.Module) -> int:
+    """Rows of the embedding table, also when its weight is partitioned (DeepSpeed ZeRO-3 leaves it 0 rows here)."""
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows) if isinstance(rows, int) else int(embedding.weight.shape[0])
 
 
 def sample_base_weights(llm: torch.nn.Module) -> tuple[float, ...] | None:
