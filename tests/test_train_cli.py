@@ -4,6 +4,7 @@ evaluates, checkpoints, resumes when run again, writes an adapter that loads and
 import json
 
 import pytest
+from hub_server import LoopbackHub, hub_server  # noqa: F401 - `hub_server` is a pytest fixture
 from test_video_encoder import tiny_clip
 from tiny_models import make_tiny_lm
 from video_files import write_mp4
@@ -68,14 +69,16 @@ def test_train_evaluates_checkpoints_resumes_and_ask_answers(setup, tmp_path, ca
     assert answer and all(word in WORDS + list(PROMPT_WORDS) + ["<unk>"] for word in answer.split())
 
 
-def test_train_with_a_lora_on_the_llm(setup, tmp_path, capsys):
+def test_train_with_a_lora_on_the_llm_and_push_to_the_hub(setup, tmp_path, capsys, hub_server: LoopbackHub):
     root, _ = setup
     out = tmp_path / "lora"
     assert _train(root, out, "--steps", "2", "--stage", "sft", "--lora-rank", "2", "--lora-targets",
-                  "q_proj,v_proj") == 0
+                  "q_proj,v_proj", "--push-to-hub", "me/cli-adapter") == 0
     assert "LLM LoRA params:" in capsys.readouterr().out
     assert (out / "adapter" / LORA_SUBDIR / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-2" / "adapter" / LORA_SUBDIR / "adapter_config.json").is_file()
+    pushed = hub_server.files("me/cli-adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", f"{LORA_SUBDIR}/adapter_model.safetensors"} <= set(pushed)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -83,6 +86,7 @@ def test_train_with_a_lora_on_the_llm(setup, tmp_path, capsys):
     (["--steps", "0"], "--steps: expected a positive integer"),
     (["--option", "rank"], "expected KEY=VALUE"),
     (["--eval-data", "nowhere.jsonl"], "--eval-data: no file"),
+    (["--deepspeed", "nowhere.json"], "--deepspeed: no file"),
 ])
 def test_bad_arguments_print_one_line(setup, tmp_path, capsys, extra, message):
     root, _ = setup

@@ -61,6 +61,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "there is one; no: start afresh; or a checkpoint directory.")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on a GPU that supports it, else fp32.")
+    parser.add_argument("--fsdp-config", default=None, metavar="JSON",
+                        help="Shard with FSDP2 (launch with torchrun): Trainer's fsdp_config, e.g. examples/fsdp2.json.")
+    parser.add_argument("--deepspeed", default=None, metavar="JSON",
+                        help="Train with DeepSpeed (launch with torchrun or deepspeed): a ZeRO config, e.g. "
+                             "examples/deepspeed_zero3.json.")
     parser.add_argument("--cache", default=None, help="Feature cache directory (default: OUTPUT/feature_cache).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="Upload the trained adapter to this Hub "
@@ -101,6 +106,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr: expected a positive number, got {args.lr}")
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank: expected 0 or a positive integer, got {args.lora_rank}")
+    if args.fsdp_config and args.deepspeed:
+        raise ValueError("--fsdp-config and --deepspeed: choose one engine")
+    for label, value in (("--fsdp-config", args.fsdp_config), ("--deepspeed", args.deepspeed)):
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{label}: no file at {value}")
     if args.lora_rank and args.stage != "sft":
         raise ValueError("--lora-rank: a LoRA on the LLM trains in stage sft; add --stage sft")
     for label, value in (("DATA", args.data), ("--eval-data", args.eval_data)):
@@ -147,6 +157,40 @@ def run_train(args: argparse.Namespace) -> TrainOutcome:
     options = _parse_options(args.option)
     bf16 = _use_bf16(args.precision)
 
+    # Before any model is built: with ZeRO-3 the LLM is then partitioned as it loads.
+    training_args = TrainingArguments(
+        output_dir=str(output),
+        max_steps=args.steps if args.steps is not None else -1,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a ratio of the total steps
+        max_grad_norm=1.0,
+        logging_steps=args.logging_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if args.eval_data else "no",
+        eval_steps=args.eval_steps if args.eval_data else None,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,  # the vision tower encodes in the main process (it may sit on the GPU)
+        report_to=[],
+        seed=args.seed,
+        disable_tqdm=args.no_progress,
+        fsdp=bool(args.fsdp_config),
+        fsdp_config=args.fsdp_config,
+        deepspeed=args.deepspeed,
+    )
+    if args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.llm)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -155,9 +199,12 @@ def run_train(args: argparse.Namespace) -> TrainOutcome:
                                             cache=FeatureCache(args.cache or output / "feature_cache"))
     video_token = options.get("video_token", "<video>")
     tok.add_tokens([video_token], special_tokens=True)
-    rows = llm.get_input_embeddings().weight.shape[0]
+    rows = llm.get_input_embeddings().num_embeddings
     resized = len(tok) > rows
     if resized:  # the <video> row is never looked up (see docs/architecture.md), but the id must exist
+        if args.fsdp_config or args.deepspeed:
+            raise ValueError(f"--llm: its embedding has no row for {video_token!r}; when sharding, resize it first "
+                             "(tokenizer.add_tokens, llm.resize_token_embeddings, save both) and pass that")
         llm.resize_token_embeddings(len(tok))
     lora = None
     if args.lora_rank:
@@ -185,32 +232,6 @@ def run_train(args: argparse.Namespace) -> TrainOutcome:
     train_set = dataset(args.data)
     eval_set = dataset(args.eval_data) if args.eval_data else None
     vm.print_trainable_parameters()
-    training_args = TrainingArguments(
-        output_dir=str(output),
-        max_steps=args.steps if args.steps is not None else -1,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,  # a ratio of the total steps
-        max_grad_norm=1.0,
-        logging_steps=args.logging_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        eval_strategy="steps" if eval_set is not None else "no",
-        eval_steps=args.eval_steps if eval_set is not None else None,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        dataloader_num_workers=0,  # the vision tower encodes in the main process (it may sit on the GPU)
-        report_to=[],
-        seed=args.seed,
-        disable_tqdm=args.no_progress,
-    )
     trainer = VideoTrainer(model=vm, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                            data_collator=train_set.collate, processing_class=tok)
     resume = _resume_from(args.resume, output)
@@ -220,19 +241,27 @@ def run_train(args: argparse.Namespace) -> TrainOutcome:
     metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))} if eval_set else {}
 
     adapter_dir, llm_dir = output / "adapter", output / "llm"
-    vm.save_pretrained(adapter_dir, metrics={k: v for k, v in metrics.items() if k.startswith("eval_")})
-    tok.save_pretrained(llm_dir)
+    eval_metrics = {k: v for k, v in metrics.items() if k.startswith("eval_")}
     from .llm_lora import llm_lora_config
 
     llm_changed = resized or (vm.stage == "sft" and llm_lora_config(vm.llm) is None)
-    if llm_changed:
-        vm.save_base_model(llm_dir)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(output))  # every rank: the engine gathers the sharded weights for the writer
+        if not trainer.args.should_save:
+            return TrainOutcome(adapter_dir, llm_dir, trainer.state.global_step, metrics)
+    else:
+        vm.save_pretrained(adapter_dir, metrics=eval_metrics)
+        tok.save_pretrained(llm_dir)
+        if llm_changed:
+            vm.save_base_model(llm_dir)
     print(f"adapter saved to {adapter_dir}" + (f"; LLM and tokenizer to {llm_dir}" if llm_changed else
                                                f"; tokenizer to {llm_dir}"))
     print(f"ask it: video2param ask CLIP.mp4 \"QUESTION\" --adapter {adapter_dir} "
           f"--llm {llm_dir if llm_changed else args.llm} --tokenizer {llm_dir} --vision {args.vision}")
     if args.push_to_hub:
-        reference = vm.push_to_hub(args.push_to_hub, metrics={k: v for k, v in metrics.items() if k.startswith("eval_")})
+        from .hub import push_folder
+
+        reference = push_folder(adapter_dir, args.push_to_hub, commit_message=f"Upload {vm.config.method} video adapter")
         print(f"pushed the adapter to {args.push_to_hub} ({reference})")
     return TrainOutcome(adapter_dir, llm_dir, trainer.state.global_step, metrics)
 
