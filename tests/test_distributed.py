@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from video2param import VideoModel, wrap_model
 from video2param.data.tokenizer import build_word_tokenizer
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORLD = 2
 PER_DEVICE = 2
 STEPS = 2
@@ -150,8 +152,7 @@ def _fsdp_trainer_resume(rank: int, out_dir: str) -> None:
     args = TrainingArguments(output_dir=output, max_steps=4, per_device_train_batch_size=PER_DEVICE, learning_rate=1e-3,
                              save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True,
                              remove_unused_columns=False, disable_tqdm=True, seed=7, fsdp=True,
-                             fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                          "state_dict_type": "FULL_STATE_DICT"})
+                             fsdp_config=str(EXAMPLES / "fsdp2.json"))  # the config docs/training.md points to
     runs = []
     for resume in (None, os.path.join(output, "checkpoint-2")):
         trainer = VideoTrainer(model=_build("vipe", lora=True), args=args, train_dataset=_Rows(_tok()),
