@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_distributed import PER_DEVICE, WORLD, _build, _collate, _free_port, _Rows, _tok  # noqa: E402

@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from video2param import VideoModel, wrap_model
 from video2param.data.tokenizer import build_word_tokenizer
 
+pytestmark = pytest.mark.slow  # process start-up: about a minute of wall time on 2 busy cores
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORLD = 2
 PER_DEVICE = 2

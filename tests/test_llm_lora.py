@@ -176,5 +176,6 @@ def test_saving_without_a_lora_removes_the_lora_of_an_earlier_save(tmp_path, tok
     without = wrap_model(make_tiny_lm("llama", vocab_size=_vocab(tok)), tokenizer=tok, **VIPE)
     without.save_pretrained(tmp_path / "adapter")
     assert not (tmp_path / "adapter" / LORA_SUBDIR / "adapter_model.safetensors").exists()
-    again = VideoModel.from_pretrained(make_tiny_lm("llama", vocab_size=_vocab(tok)), tmp_path / "adapter", tokenizer=tok)
+    again = VideoModel.from_pretrained(make_tiny_lm("llama", vocab_size=_vocab(tok)), tmp_path / "adapter",
+                                       tokenizer=tok)
     assert llm_lora_config(again.llm) is None

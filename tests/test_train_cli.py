@@ -78,7 +78,8 @@ def test_train_with_a_lora_on_the_llm_and_push_to_the_hub(setup, tmp_path, capsy
     assert (out / "adapter" / LORA_SUBDIR / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-2" / "adapter" / LORA_SUBDIR / "adapter_config.json").is_file()
     pushed = hub_server.files("me/cli-adapter")
-    assert {"adapter_config.json", "adapter_model.safetensors", f"{LORA_SUBDIR}/adapter_model.safetensors"} <= set(pushed)
+    expected = {"adapter_config.json", "adapter_model.safetensors", f"{LORA_SUBDIR}/adapter_model.safetensors"}
+    assert expected <= set(pushed)
 
 
 @pytest.mark.parametrize("extra,message", [

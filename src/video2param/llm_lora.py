@@ -88,7 +88,8 @@ def resolve_llm(llm: nn.Module, llm_lora: Any = None) -> nn.Module:
             )
         (name, config), = configs.items()
         if type(config).__name__ != "LoraConfig":
-            raise ValueError(f"llm: the PeftModel's adapter {name!r} is a {type(config).__name__}; only LoRA is supported")
+            raise ValueError(f"llm: the PeftModel's adapter {name!r} is a {type(config).__name__}; only LoRA is "
+                             "supported")
         llm = llm.get_base_model()
     if llm_lora is not None:
         _check_lora_config(llm_lora)
@@ -251,7 +252,8 @@ def llm_lora_state_dict(llm: nn.Module, state: dict[str, torch.Tensor] | None = 
         wrappers = _wrapper_names(llm)
         state = {_plain_name(k, wrappers): v for k, v in state.items()}
     # save_embedding_layers=False: 'auto' may look the base model up on the Hub; the video token needs no row.
-    out = get_peft_model_state_dict(view, state_dict=state, adapter_name=_adapter_name(llm), save_embedding_layers=False)
+    out = get_peft_model_state_dict(view, state_dict=state, adapter_name=_adapter_name(llm),
+                                    save_embedding_layers=False)
     return {_PEFT_PREFIX + k: v for k, v in out.items()}
 
 
@@ -306,7 +308,8 @@ def save_llm_lora(llm: nn.Module, directory: str | os.PathLike, state: dict[str,
     return digest["sha256"]
 
 
-def read_llm_lora(directory: str | os.PathLike, expected_sha256: str | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+def read_llm_lora(directory: str | os.PathLike,
+                  expected_sha256: str | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """Read a PEFT LoRA adapter folder (JSON + safetensors only): its ``LoraConfig`` and its tensors.
 
     ``expected_sha256`` (what the video adapter recorded) must match the weights file. Raises FileNotFoundError for
@@ -329,7 +332,8 @@ def read_llm_lora(directory: str | os.PathLike, expected_sha256: str | None = No
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"LLM LoRA {directory}: {PEFT_CONFIG_NAME} is not valid JSON ({err})") from err
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
-        raise ValueError(f"LLM LoRA {directory}: peft_type is {data.get('peft_type') if isinstance(data, dict) else None!r}, expected 'LORA'")
+        found = data.get("peft_type") if isinstance(data, dict) else None
+        raise ValueError(f"LLM LoRA {directory}: peft_type is {found!r}, expected 'LORA'")
     blob = weights_path.read_bytes()
     if expected_sha256 is not None and hashlib.sha256(blob).hexdigest() != expected_sha256:
         raise ValueError(

@@ -5,7 +5,8 @@ DATA is a LLaVA-Video / Video-ChatGPT ``.jsonl`` / ``.json`` file (see ``video2p
 checkpoints every ``--save-steps`` that a rerun of the same command resumes from (``--resume auto``), bf16 on a GPU
 that has it. The output directory ends up with::
 
-    DIR/adapter/          the trained adapter (VideoModel.from_pretrained(llm, "DIR/adapter"); llm_lora/ with --lora-rank)
+    DIR/adapter/          the trained adapter (VideoModel.from_pretrained(llm, "DIR/adapter")), llm_lora/ inside it
+                          with --lora-rank
     DIR/llm/              the tokenizer (it knows <video>), and the LLM itself when it changed (stage sft without a
                           LoRA, or its embedding grew by the <video> row)
     DIR/checkpoint-N/     Trainer checkpoints
@@ -35,9 +36,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-data", default=None, help="Held-out file in the same format, evaluated periodically.")
     parser.add_argument("--video-root", default=None, help="Folder of the videos' relative paths (default: the data "
                                                            "file's folder).")
-    parser.add_argument("--adapter", default=None, help="Start from a saved adapter (e.g. stage 1) instead of a new one.")
+    parser.add_argument("--adapter", default=None,
+                        help="Start from a saved adapter (e.g. stage 1) instead of a new one.")
     parser.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain",
-                        help="pretrain: train the video adapter only; sft: also the LLM (a LoRA on it with --lora-rank).")
+                        help="pretrain: train the video adapter only; sft: also the LLM (a LoRA on it with "
+                             "--lora-rank).")
     parser.add_argument("--lora-rank", type=int, default=0, help="Rank of a PEFT LoRA on the LLM in stage sft "
                                                                  "(0: train the whole LLM).")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank).")
@@ -62,7 +65,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on a GPU that supports it, else fp32.")
     parser.add_argument("--fsdp-config", default=None, metavar="JSON",
-                        help="Shard with FSDP2 (launch with torchrun): Trainer's fsdp_config, e.g. examples/fsdp2.json.")
+                        help="Shard with FSDP2 (launch with torchrun): Trainer's fsdp_config, e.g. "
+                             "examples/fsdp2.json.")
     parser.add_argument("--deepspeed", default=None, metavar="JSON",
                         help="Train with DeepSpeed (launch with torchrun or deepspeed): a ZeRO config, e.g. "
                              "examples/deepspeed_zero3.json.")
@@ -261,7 +265,8 @@ def run_train(args: argparse.Namespace) -> TrainOutcome:
     if args.push_to_hub:
         from .hub import push_folder
 
-        reference = push_folder(adapter_dir, args.push_to_hub, commit_message=f"Upload {vm.config.method} video adapter")
+        reference = push_folder(adapter_dir, args.push_to_hub,
+                                commit_message=f"Upload {vm.config.method} video adapter")
         print(f"pushed the adapter to {args.push_to_hub} ({reference})")
     return TrainOutcome(adapter_dir, llm_dir, trainer.state.global_step, metrics)
 

@@ -250,5 +250,6 @@ def _load_llm_weights(llm: nn.Module, state: dict[str, torch.Tensor], where: Pat
         raise ValueError(f"checkpoint {where}: tensors missing from the file: {', '.join(missing[:4])}")
     for key, value in mapped.items():
         if targets[key].shape != value.shape:
-            raise ValueError(f"checkpoint {where}: {key} has shape {tuple(value.shape)}, the LLM {tuple(targets[key].shape)}")
+            raise ValueError(f"checkpoint {where}: {key} has shape {tuple(value.shape)}, the LLM "
+                             f"{tuple(targets[key].shape)}")
         targets[key].copy_(value)

@@ -106,7 +106,7 @@ def _check_row(record: Any, number: int, path: Path, root: Path, check_videos: b
         raise bad("no conversation (a non-empty 'conversations' list is required)")
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             raise bad(f"turn {i} must be an object with string 'from' and 'value'")
         role = _ROLES.get(turn["from"].strip().lower())
         if role is None:
@@ -165,8 +165,9 @@ class VideoQADataset(Dataset):
             raise ValueError("tokenizer: it has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
         ids = tokenizer(video_token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"tokenizer: it does not know the video token {video_token!r} as one token; wrap the model "
-                             f"first (wrap_model adds it) or tokenizer.add_tokens([{video_token!r}], special_tokens=True)")
+            raise ValueError(f"tokenizer: it does not know the video token {video_token!r} as one token; wrap the "
+                             f"model first (wrap_model adds it) or tokenizer.add_tokens([{video_token!r}], "
+                             "special_tokens=True)")
         if cache is not None and not isinstance(cache, FeatureCache):
             cache = FeatureCache(cache)
         self.path = Path(path)
