@@ -179,3 +179,24 @@ def test_saving_without_a_lora_removes_the_lora_of_an_earlier_save(tmp_path, tok
     again = VideoModel.from_pretrained(make_tiny_lm("llama", vocab_size=_vocab(tok)), tmp_path / "adapter",
                                        tokenizer=tok)
     assert llm_lora_config(again.llm) is None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_lora_and_the_adapter_the_same_gradients(tok, reentrant):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        vm = wrap_model(make_tiny_lm("llama", vocab_size=_vocab(tok)), tokenizer=tok, stage="sft",
+                        llm_lora=_lora(init_lora_weights=False), **VIPE)
+        if checkpointing:
+            vm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:
+                vm.llm.enable_input_require_grads()  # the embeddings are frozen: give the checkpoints a grad input
+        vm.train()
+        ids, mask, labels, feats = _batch(tok)
+        vm(input_ids=ids, attention_mask=mask, labels=labels, videos=feats).loss.backward()
+        grads.append({n: p.grad for n, p in vm.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert any("lora_" in n for n in plain) and all(g is not None for g in checkpointed.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
