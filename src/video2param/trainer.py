@@ -244,8 +244,7 @@ def _load_llm_weights(llm: nn.Module, state: dict[str, torch.Tensor], where: Pat
         raise ValueError(f"checkpoint {where}: tensors this LLM does not have: {', '.join(unexpected[:4])}")
     loaded_ids = {id(targets[k]) for k in mapped}
     # HF drops tied copies (lm_head.weight = embed_tokens.weight) from the file: those are filled through the tie.
-    missing = sorted(k for k, t in targets.items() if k not in mapped and id(t) not in loaded_ids
-                     and not k.endswith(tuple(f"_index{i}" for i in range(64))))
+    missing = sorted(k for k, t in targets.items() if k not in mapped and id(t) not in loaded_ids)
     if missing:
         raise ValueError(f"checkpoint {where}: tensors missing from the file: {', '.join(missing[:4])}")
     for key, value in mapped.items():
