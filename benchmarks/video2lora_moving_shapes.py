@@ -1,7 +1,8 @@
 """Video2LoRA on MovingShapes: the student (no visual tokens) against its teacher (llava, video in context).
 
-1. The demo's data, front end and small LM: a llava teacher is trained (stage sft, the demo's recipe) and saved
-   under ``--out``/teacher (reused by later runs with the same settings).
+1. MovingShapes with every question type about 1–2 objects (``MovingShapesConfig`` defaults), the demo's
+   object-grid front end (``--grid`` × ``--grid`` tokens per frame) and small LM: a llava teacher is trained (stage
+   sft, the demo's llava recipe) and saved under ``--out`` (reused by later runs with the same settings).
 2. A Video2LoRA student on the teacher's LM (frozen) distils from it: only the hypernetwork trains.
 3. Long videos: MovingShapes videos ``--long-factor`` × the training length whose objects appear a segment apart
    (so they lie in different segments, and order questions compare segments). The student composes one LoRA per
@@ -26,7 +27,8 @@ from video2param import VideoAdapterConfig, VideoModel, wrap_model
 from video2param.data import MovingShapesConfig, VideoQACollator, chance_accuracy, evaluate, make_splits
 from video2param.data import moving_shapes_tokenizer
 from video2param.data.features import FeatureStandardizer, encode_dataset, standardize_items
-from video2param.demo import build_small_llm, demo_data_config, demo_front_end, method_settings
+from video2param.data.front_end import ObjectGridConfig, ObjectGridFrontEnd
+from video2param.demo import build_small_llm, method_settings
 from video2param.distill import DistillConfig, distill, teacher_answers, with_answers
 from video2param.train import TrainConfig, train
 
@@ -52,7 +54,7 @@ def teacher_model(args, tokenizer, vision_width, train_feats, log) -> tuple[Vide
     """The llava teacher: loaded from ``--out``/teacher when a run with the same settings saved it."""
     from transformers import AutoModelForCausalLM
 
-    directory = Path(args.out) / f"teacher-{args.teacher_steps}-{args.frames}-{args.seed}"
+    directory = Path(args.out) / f"teacher-{args.teacher_steps}-{args.frames}-{args.grid}-{args.seed}"
     if (directory / "adapter").is_dir():
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm")
         teacher = VideoModel.from_pretrained(llm, directory / "adapter", tokenizer=tokenizer)
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--instruction", default="")
     parser.add_argument("--hypernet", default='{"latent_dim": 128, "num_latents": 8, "depth": 2, "num_heads": 4, '
                                               '"head_dim": 32, "kv_heads": 2, "head_hidden": 256}')
+    parser.add_argument("--grid", type=int, default=4, help="Object-grid front end: grid × grid tokens per frame.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     log = print
@@ -102,9 +105,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    data_cfg = demo_data_config(args.frames, args.seed)
+    data_cfg = MovingShapesConfig(num_frames=args.frames, seed=args.seed)
     tokenizer = moving_shapes_tokenizer(data_cfg)
-    front_end = demo_front_end(data_cfg.frame_size)
+    front_end = ObjectGridFrontEnd(ObjectGridConfig(image_size=data_cfg.frame_size, grid=args.grid))
     encoder = front_end.vision_encoder(chunk_size=1024, progress=False)
     train_feats, test_feats, standardizer = features_of(data_cfg, args.train_size, args.test_size, encoder)
     log(f"data: {len(train_feats)} train / {len(test_feats)} test, features {tuple(train_feats[0].video.shape)} "
