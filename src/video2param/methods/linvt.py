@@ -24,7 +24,8 @@ vision-language alignment (the frame projector) keeps working for video. The pip
    Π = the *ordered selection*, which splits the scale's M tokens into ``n_s`` contiguous windows in temporal
    order (one token per window when M ≤ n_s) and averages each window with weights softmax(score).
    α_s = clamp(θ_s, 0, 1) for a learned scalar θ_s per scale started at ``attention_mix_init`` (1 = the paper's
-   TTA), so the weights are always non-negative: every output token is a convex combination of frame tokens.
+   TTA alone; default 0.5, measured), so the weights are always non-negative: every output token is a convex
+   combination of frame tokens.
 6. The scales' outputs are concatenated: ``sum(scale_queries)`` tokens per video, whatever the number of frames.
 
 What starting from a ``llava`` adapter guarantees (``init_projector_from``, which also sets α = 0): before any
@@ -78,9 +79,10 @@ class LinvtOptions:
     dropout: float = field(default=0.0, metadata={"help": "Attention dropout in the scorer and TTA.", "min": 0.0,
                                                   "lt": 1.0})
     attention_mix_init: float = field(
-        default=1.0,
-        metadata={"help": "Initial α of every scale in W = Π + α (A − Π): 1 = the queries' attention (paper), "
-                          "0 = the ordered selection Π. init_projector_from sets 0.", "min": 0.0, "max": 1.0})
+        default=0.5,
+        metadata={"help": "Initial α of every scale in W = Π + α (A − Π): 1 = the queries' attention alone (the "
+                          "paper's TTA), 0 = the ordered selection Π alone; 0.5 trained best on MovingShapes "
+                          "(docs/methods.md). init_projector_from sets 0.", "min": 0.0, "max": 1.0})
     spatial_pool: int = field(default=1, metadata={"help": "Frame projector: average-pool the square patch grid "
                                                            "by this stride (as llava's option).", "min": 1,
                                                    "max": 1024})
