@@ -9,6 +9,13 @@ W_v (d_in × r) (our A = W_vᵀ, per video); W_l (r × d_out) is a learned, zero
 videos (our B = W_lᵀ); the delta W_v W_l is scaled by alpha / r. Zero W_l makes a fresh adapter the identity.
 Temporal and spatial sinusoidal positions (plus a learned per-frame embedding) are added to the video features so
 the queries can tell frame order and where things are.
+
+Training speed of the generated factors (docs/vipe-training.md): the W_v projections and W_l are trained through
+fixed multipliers (``GeneratorScaling``), so that under Adam each entry of a generated A moves about as fast as a
+LoRA's A and W_l a little slower than a LoRA's B. Without them the A generator, whose input is a LayerNorm output
+of width hidden_dim, moves A ~hidden_dim times faster than a LoRA A: the video-independent part of the delta
+swamps the video's and training collapses to the answer prior at learning rates ≥ 1e-3. Saved tensors are always
+the effective matrices, so the multipliers never change the adapter format.
 """
 
 from __future__ import annotations
@@ -24,9 +31,19 @@ from .base import Conditioning, LLMInfo, LowRank, VideoMethod, WeightContext, re
 from .blocks import QueryBlock, project_frames, token_mask_from_frames
 
 
+#: The paper's injection-module width (for 4096-wide LLMs); the default width never exceeds it.
+PAPER_HIDDEN_DIM = 512
+
+
 @dataclass
 class VipeOptions:
-    hidden_dim: int = field(default=512, metadata={"help": "Width Dv of the injection module (paper: 512)."})
+    hidden_dim: int | None = field(
+        default=None,
+        metadata={"help": "Width Dv of the injection module. None: the LLM's hidden size, capped at 512 (the paper's "
+                          "width, for 4096-wide LLMs) and rounded down to a multiple of num_heads. A module wider "
+                          "than the LLM it writes into costs more than the LLM itself (a 512-wide module on a 96-wide "
+                          "LM took 77% of a training step) without widening the deltas.", "min": 1},
+    )
     depth: int = field(default=3, metadata={"help": "Number of injection blocks (self-attn, cross-attn, FFN)."})
     num_heads: int = field(default=8, metadata={"help": "Attention heads in the injection blocks."})
     keep_ratios: list[float] | None = field(
@@ -38,13 +55,29 @@ class VipeOptions:
     merge: bool = field(default=True, metadata={"help": "HCM on/off. Off: every block attends to every token."})
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the injection blocks."})
+    a_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "How fast the generated A (= W_vᵀ) moves under Adam, relative to a LoRA's A at the same "
+                          "learning rate. The W_v projections are trained as (a_lr_ratio / hidden_dim) · P, the "
+                          "multiplier rounded to a power of two: 1.0 moves each entry of A by about lr per step, as "
+                          "for a LoRA A. The original parametrisation is a_lr_ratio = hidden_dim; it collapses at "
+                          "lr >= 1e-3 (docs/vipe-training.md).", "gt": 0},
+    )
+    w_l_lr_ratio: float = field(
+        default=0.125,
+        metadata={"help": "Learning-rate multiplier of the shared W_l (= Bᵀ), applied by training it as "
+                          "w_l_lr_ratio · P (rounded to a power of two), so every optimizer gets it: exact for "
+                          "Adam-type optimizers, squared for plain SGD. Below 1 the static, video-independent part "
+                          "of the delta grows slower than the video's; 1/8 reached 95% in the fewest steps on the "
+                          "sweep of docs/vipe-training.md.", "gt": 0},
+    )
 
     def __post_init__(self) -> None:
-        for name in ("hidden_dim", "depth", "num_heads", "ffn_mult"):
+        for name in ("depth", "num_heads", "ffn_mult"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"options.{name}: expected an integer >= 1, got {value!r}")
-        if self.hidden_dim % self.num_heads:
+        if self.hidden_dim is not None and self.hidden_dim % self.num_heads:
             raise ValueError(f"options.num_heads: {self.num_heads} does not divide hidden_dim {self.hidden_dim}")
         if self.keep_ratios is None:
             self.keep_ratios = default_keep_ratios(self.depth)
@@ -55,6 +88,17 @@ class VipeOptions:
             raise ValueError(f"options.keep_ratios: each ratio must be in (0, 1], got {self.keep_ratios}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"options.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        for name in ("a_lr_ratio", "w_l_lr_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"options.{name}: expected a positive finite number, got {value!r}")
+
+    def resolved_hidden_dim(self, llm_hidden_size: int) -> int:
+        """``hidden_dim``, or the default width for an LLM of ``llm_hidden_size`` (see the option's help)."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        width = min(PAPER_HIDDEN_DIM, llm_hidden_size) // self.num_heads * self.num_heads
+        return max(width, self.num_heads)
 
 
 def default_keep_ratios(depth: int, final: float = 0.6) -> list[float]:
@@ -96,6 +140,39 @@ def hierarchical_merge(queries: torch.Tensor, tokens: torch.Tensor, token_mask: 
     return kept_tokens, kept_mask, kept
 
 
+def nearest_power_of_two(value: float) -> float:
+    """2 ** round(log2(value)): multiplying and dividing by it is exact, so save → load is bit-exact."""
+    return 2.0 ** round(math.log2(value))
+
+
+@dataclass(frozen=True)
+class GeneratorScaling:
+    """Fixed multipliers between the trained parameters P and the effective W_v projection / W_l: W = m · P.
+
+    An Adam step moves each entry of P by about lr whatever its gradient's size, so it moves W by m · lr: m sets the
+    effective learning rate for any Adam-type optimizer, without per-group settings. State dicts hold W (the
+    effective matrices) under the usual keys; ``to_state`` / ``from_state`` convert.
+    """
+
+    to_A: float
+    W_l: float
+
+    @classmethod
+    def from_options(cls, options: VipeOptions, hidden_dim: int) -> "GeneratorScaling":
+        # Queries leave a LayerNorm (entries ~1), so an Adam step on the projection moves each entry of A by
+        # ~hidden_dim·lr (every input coordinate pushes the same way); 1/hidden_dim brings that to ~lr, a LoRA A's.
+        return cls(to_A=nearest_power_of_two(options.a_lr_ratio / hidden_dim),
+                   W_l=nearest_power_of_two(options.w_l_lr_ratio))
+
+    def multiplier(self, state_key: str) -> float | None:
+        """The multiplier of a method state-dict key (relative to the method), None for other tensors."""
+        if state_key.startswith("to_A."):
+            return self.to_A
+        if state_key.startswith("W_l."):
+            return self.W_l
+        return None
+
+
 @register_method
 class VipeMethod(VideoMethod):
     """ViPE: perceptual queries → per-layer, per-role low-rank deltas (zero visual tokens at question time)."""
@@ -111,7 +188,9 @@ class VipeMethod(VideoMethod):
             raise ValueError("vipe: no target modules selected (check targets and inject_every/inject_layers)")
         dv_in = self.vision_width
         opt = self.options
-        dim, rank = opt.hidden_dim, config.rank
+        dim, rank = opt.resolved_hidden_dim(llm.hidden_size), config.rank
+        self.hidden_dim = dim
+        self.scaling = GeneratorScaling.from_options(opt, dim)
         self.input_proj = nn.Sequential(nn.Linear(dv_in, dim), nn.LayerNorm(dim))
         self.frame_embedding = nn.Embedding(config.num_frames, dim)
         nn.init.normal_(self.frame_embedding.weight, std=0.02)
@@ -119,15 +198,20 @@ class VipeMethod(VideoMethod):
         self.blocks = nn.ModuleList(QueryBlock(dim, opt.num_heads, opt.ffn_mult, opt.dropout) for _ in range(opt.depth))
         self.final_norm = nn.LayerNorm(dim)
         # Perceptual weight generators: one projection Dv → d_in per site (W_v), one zero W_l (r × d_out) per site.
+        # Both hold P; the effective matrices are self.scaling · P (see GeneratorScaling).
         self.to_A = nn.ModuleDict()
         self.W_l = nn.ParameterDict()
         for site, key in zip(llm.sites, llm.site_keys):
             name = _param_name(key)
             self.to_A[name] = nn.Linear(dim, site.in_features, bias=False)
-            # Queries leave a LayerNorm (entries ~1): this std makes x·Aᵀ of order 1, like a LoRA A at init.
-            nn.init.normal_(self.to_A[name].weight, std=1.0 / math.sqrt(dim * site.in_features))
+            # Queries leave a LayerNorm (entries ~1): an effective std of 1/sqrt(dim·d_in) gives A rows of norm ~1,
+            # so x·Aᵀ is of order 1, like a LoRA A at init.
+            std = 1.0 / math.sqrt(dim * site.in_features) / self.scaling.to_A
+            nn.init.normal_(self.to_A[name].weight, std=std)
             self.W_l[name] = nn.Parameter(torch.zeros(rank, site.out_features))
         self._keys = list(llm.site_keys)
+        self.register_state_dict_post_hook(_save_effective_generators)
+        self.register_load_state_dict_pre_hook(_load_effective_generators)
 
     def video_tokens(self, features: torch.Tensor, frame_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Project features and add positions: (B, T·P, dim) and the token mask (B, T·P)."""
@@ -149,13 +233,39 @@ class VipeMethod(VideoMethod):
                cond: Conditioning | None = None) -> WeightContext:
         q = self.perceptual_queries(features, frame_mask)
         scale = self.config.scale
+        # (m·P) q = P (m·q): scaling the (B, r, dim) queries once is cheaper than every (d_in × dim) weight.
+        q = q * self.scaling.to_A
         deltas = {}
         for key in self._keys:
             name = _param_name(key)
             A = self.to_A[name](q)  # (B, r, d_in) = W_vᵀ per video
-            B = self.W_l[name].t()[None]  # (1, d_out, r) = W_lᵀ, shared
+            B = (self.W_l[name] * self.scaling.W_l).t()[None]  # (1, d_out, r) = W_lᵀ, shared
             deltas[key] = LowRank(A, B, scale)
         return WeightContext(deltas)
+
+    def effective_generators(self) -> dict[str, torch.Tensor]:
+        """{state key: effective matrix} of the W_v projections and W_l (what a saved adapter holds)."""
+        state = {f"to_A.{name}.weight": m.weight for name, m in self.to_A.items()}
+        state.update({f"W_l.{name}": p for name, p in self.W_l.items()})
+        return {k: v.detach() * self.scaling.multiplier(k) for k, v in state.items()}
+
+
+def _save_effective_generators(module: VipeMethod, state_dict, prefix: str, local_metadata) -> None:
+    # State dicts hold the effective matrices, so saved adapters do not depend on the training multipliers.
+    for key in list(state_dict):
+        if key.startswith(prefix):
+            multiplier = module.scaling.multiplier(key[len(prefix):])
+            if multiplier is not None and multiplier != 1.0:
+                state_dict[key] = state_dict[key] * multiplier
+
+
+def _load_effective_generators(module: VipeMethod, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                               unexpected_keys, error_msgs) -> None:
+    for key in list(state_dict):
+        if key.startswith(prefix):
+            multiplier = module.scaling.multiplier(key[len(prefix):])
+            if multiplier is not None and multiplier != 1.0 and isinstance(state_dict[key], torch.Tensor):
+                state_dict[key] = state_dict[key] / multiplier
 
 
 def _param_name(key: str) -> str:
