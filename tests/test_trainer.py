@@ -6,7 +6,7 @@ import torch
 from conftest import DV, WORDS, encode, random_features
 from peft import LoraConfig
 from tiny_models import make_tiny_lm
-from torch.utils.data import Dataset
+from trainer_rows import FeatureRows, stack_rows
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from video2param import VideoModel, wrap_model
@@ -22,26 +22,9 @@ TEXTS = ["what colour is the object ? red", "which way does it move ? left", "wh
          "which way does it move ? up", "what colour is the object ? green", "which way does it move ? down"]
 
 
-class _Batchable(Dataset):
-    def __init__(self, ids, mask, feats):
-        self.ids, self.mask, self.feats = ids, mask, feats
-        self.labels = ids.masked_fill(mask == 0, -100)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i],
-                "videos": self.feats[i]}
-
-
-def _collate(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def _data(tokenizer, n=8):
     ids, mask = encode(tokenizer, (TEXTS * 2)[:n], "right")
-    return _Batchable(ids, mask, random_features(n, seed=3))
+    return FeatureRows(ids, mask, random_features(n, seed=3))
 
 
 def _args(tmp_path, **kw):
@@ -72,10 +55,10 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, kin
     vocab = len(tokenizer) + 8
     data = _data(tokenizer)
     full = VideoTrainer(model=_build(kind, tokenizer, vocab, 1, lora), args=_args(tmp_path / "a"), train_dataset=data,
-                        data_collator=_collate)
+                        data_collator=stack_rows)
     full.train()
     resumed = VideoTrainer(model=_build(kind, tokenizer, vocab, 2, lora), args=_args(tmp_path / "a"),
-                           train_dataset=data, data_collator=_collate)
+                           train_dataset=data, data_collator=stack_rows)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     expected, got = _losses(full, after_step=2), _losses(resumed, after_step=2)  # the steps run after resuming
     assert len(expected) == 2 and len(got) == 2
@@ -95,7 +78,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     # "Best" = highest eval loss, i.e. the first checkpoint while the loss falls: not the final weights.
     args = _args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
                  metric_for_best_model="eval_loss", greater_is_better=True, per_device_eval_batch_size=4)
-    trainer = VideoTrainer(model=vm, args=args, train_dataset=data, eval_dataset=data, data_collator=_collate)
+    trainer = VideoTrainer(model=vm, args=args, train_dataset=data, eval_dataset=data, data_collator=stack_rows)
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and best.endswith("checkpoint-2")
@@ -109,9 +92,9 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
 def test_checkpoints_reload_to_the_same_logits(tmp_path, llama, tokenizer):
     vm = wrap_model(llama, tokenizer=tokenizer, stage="sft", **VIPE)
     ids, mask = encode(tokenizer, ["what colour is the object ? red", "which way does it move ? left"] * 2, "right")
-    data = _Batchable(ids, mask, random_features(4))
+    data = FeatureRows(ids, mask, random_features(4))
     args = _args(tmp_path / "out", max_steps=2, learning_rate=1e-3, logging_strategy="no")
-    VideoTrainer(model=vm, args=args, train_dataset=data, data_collator=_collate).train()
+    VideoTrainer(model=vm, args=args, train_dataset=data, data_collator=stack_rows).train()
     ckpt = tmp_path / "out" / "checkpoint-2"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     vm.eval()

@@ -117,7 +117,12 @@ def _with_active(function, active: ActiveContexts):
 
 
 def carry_context_through_checkpointing(model: nn.Module) -> None:
-    """Wrap every checkpoint function the HF model installed (``gradient_checkpointing_enable``), once each."""
+    """Wrap every checkpoint function the HF model installed (``gradient_checkpointing_enable``), once each.
+
+    HF checkpoints only in training mode with gradients on, so inference calls skip the walk over the modules.
+    """
+    if not (model.training and torch.is_grad_enabled()):
+        return
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
         if func is not None and not isinstance(func, _ContextCarryingCheckpoint):
