@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from conftest import DV, WORDS, encode, random_features
 from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_lm
-from torch.utils.data import Dataset
+from trainer_rows import FeatureRows, stack_rows
 
 from video2param import VideoModel, wrap_model
 from video2param.data.tokenizer import build_word_tokenizer
@@ -38,22 +38,9 @@ TEXTS = ["what colour is the object ? red", "which way does it move ? left", "wh
          "what colour is the object ? blue", "which way does it move ? right"]
 
 
-class _Rows(Dataset):
-    def __init__(self, tok):
-        self.ids, self.mask = encode(tok, TEXTS, "right")
-        self.labels = self.ids.masked_fill(self.mask == 0, -100)
-        self.feats = random_features(len(TEXTS), seed=5)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i],
-                "videos": self.feats[i]}
-
-
-def _collate(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+def _rows(tok) -> FeatureRows:
+    ids, mask = encode(tok, TEXTS, "right")
+    return FeatureRows(ids, mask, random_features(len(TEXTS), seed=5))
 
 
 def _tok():
@@ -84,7 +71,7 @@ def _train_with_trainer(kind: str, output: str, batch: int) -> dict[str, torch.T
                              save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
                              disable_tqdm=True, logging_strategy="no", seed=7,
                              dataloader_num_workers=0)
-    VideoTrainer(model=vm, args=args, train_dataset=_Rows(_tok()), data_collator=_collate).train()
+    VideoTrainer(model=vm, args=args, train_dataset=_rows(_tok()), data_collator=stack_rows).train()
     state = {f"method.{k}": v for k, v in vm.method.state_dict().items()}
     if kind == "llava":  # stage sft: the whole LLM trains too
         state.update({f"llm.{k}": v for k, v in vm.llm.state_dict().items()})
@@ -157,8 +144,8 @@ def _fsdp_trainer_resume(rank: int, out_dir: str) -> None:
                              fsdp_config=str(EXAMPLES / "fsdp2.json"))  # the config docs/training.md points to
     runs = []
     for resume in (None, os.path.join(output, "checkpoint-2")):
-        trainer = VideoTrainer(model=_build("vipe", lora=True), args=args, train_dataset=_Rows(_tok()),
-                               data_collator=_collate)
+        trainer = VideoTrainer(model=_build("vipe", lora=True), args=args, train_dataset=_rows(_tok()),
+                               data_collator=stack_rows)
         trainer.train(resume_from_checkpoint=resume)
         runs.append([e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > 2])
     if rank == 0:
@@ -176,6 +163,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             save_file(state, os.path.join(out_dir, f"ddp_{kind}.safetensors"))
     _fsdp_check(rank, out_dir)
     _fsdp_trainer_resume(rank, out_dir)
+    # Both ranks must be done with gloo before either tears it down: a rank that destroyed its group (and exited)
+    # while the other still had collectives in flight aborted the other ("terminate called without an active
+    # exception") about one run in five.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
