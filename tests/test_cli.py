@@ -42,6 +42,37 @@ def test_demo_prints_its_table_and_an_ask_command_that_runs(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == example["answer"]
 
 
+def test_demo_all_puts_every_registered_method_in_one_table(tmp_path, capsys):
+    """`--method all`: each method beside the baseline (PPLLaVA with the demo's aligned text tower, Video2LoRA
+    taught by the trained llava), none failing; the `ask` example uses a method that its saved files can answer."""
+    from video2param.methods.base import available_methods, get_method
+
+    out = tmp_path / "demo"
+    code = main(["demo", "--method", "all", "--steps", "2", "--train-size", "24", "--test-size", "10",
+                 "--batch-size", "8", "--output-dir", str(out), "--threads", "1", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["failed"] == {}
+    assert set(results["rows"]) == set(available_methods())
+    for method in available_methods():
+        label = f"{method} (baseline)" if method == "llava" else method
+        assert f"| {label} |" in printed
+    assert results["rows"]["ppllava"]["visual_tokens"] < results["rows"]["llava"]["visual_tokens"]
+    assert results["rows"]["video2lora"]["stage"] == "pretrain" and results["rows"]["video2lora"]["teacher"]
+    assert not {"text_encoder", "teacher"} & set(get_method(results["ask"]["method"]).needs)
+
+
+def test_demo_text_tower_methods_need_the_demo_front_end(tmp_path):
+    # A vision tower named by --vision comes without the dual encoder PPLLaVA reads the question with: a clear
+    # error (with --method all, that method's row is reported as failed, the others run).
+    from video2param.demo import DemoConfig, _aligned_text_tower, demo_data_config
+
+    with pytest.raises(ValueError, match="needs the dual encoder"):
+        _aligned_text_tower(DemoConfig(vision="openai/clip-vit-base-patch32"), demo_data_config(), ([], []), ([], []),
+                            tmp_path, print)
+
+
 def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "many"])
