@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from video2param import VideoAdapterConfig, wrap_model
 from video2param.data import (
@@ -64,6 +65,7 @@ class Task:
     test: list[VideoQA]
     tokenizer: Any
     colors: tuple[str, ...]
+    vocab_size: int  # fixed once: wrap_model adds the video token to the tokenizer it is given
 
 
 def pixel_patches(video: torch.Tensor, patch: int = 8) -> torch.Tensor:
@@ -84,7 +86,7 @@ def build_task(frames: int, train_size: int, test_size: int, seed: int) -> Task:
     train = [dataclasses.replace(it, video=(it.video - mean) / std) for it in train]
     test = [dataclasses.replace(it, video=(it.video - mean) / std) for it in test]
     tokenizer = build_word_tokenizer(moving_shapes_vocabulary(cfg) + list(PROMPT_WORDS) + list(TEXT_WORDS))
-    return Task(train, test, tokenizer, tuple(cfg.colors))
+    return Task(train, test, tokenizer, tuple(cfg.colors), len(tokenizer) + 1)  # +1: the video token
 
 
 def build_lm(vocab_size: int, seed: int):
@@ -151,8 +153,8 @@ def text_pretrained_lm_state(task: Task, seed: int, steps: int = 300, lr: float 
                              cache: Path | None = None, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
     """Train the random LM on the text side of the task once; returns its state dict (cached on disk)."""
     if cache is not None and cache.is_file():
-        return torch.load(cache, weights_only=True)
-    lm = build_lm(len(task.tokenizer) + 1, seed)  # +1: the video token wrap_model adds
+        return load_file(cache)
+    lm = build_lm(task.vocab_size, seed)
     pairs = text_side_prompts(task.train, task.colors, seed)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr)
     lm.train()
@@ -171,7 +173,7 @@ def text_pretrained_lm_state(task: Task, seed: int, steps: int = 300, lr: float 
     state = {k: v.detach().clone() for k, v in lm.state_dict().items()}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, cache)
+        save_file(state, cache)
     return state
 
 
@@ -246,7 +248,7 @@ def run_case(case: Case, task: Task, lm_state: dict[str, torch.Tensor] | None, s
 
     ``stop_after`` > 0 ends the run once that many evaluations in a row reached 95% (the accuracy reported is then
     the held-out accuracy at that step; a run that never gets there trains for all ``steps``)."""
-    lm = build_lm(len(task.tokenizer) + 1, seed)
+    lm = build_lm(task.vocab_size, seed)
     if case.stage == "pretrain":
         lm.load_state_dict(lm_state)
     torch.manual_seed(seed)
@@ -371,13 +373,15 @@ def delta_to_base_ratio(vm, batch) -> float | None:
 
 # ---- the sweep ------------------------------------------------------------------------------------------------
 def format_table(results: list[dict[str, Any]], steps: int) -> str:
-    lines = ["| method | stage | lr | rank | colour accuracy (%) | steps to 95% | steps run | step (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | stage | lr | rank | options | colour accuracy (%) | steps to 95% | steps run | step (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["case"]
         rank = "—" if c["method"] == "llava" else str(c["rank"])
         reached = "—" if r["steps_to_95"] is None else str(r["steps_to_95"])
-        lines.append(f"| {c['method']} | {c['stage']} | {c['lr']:g} | {rank} | {100 * r['accuracy']:.1f} | "
+        options = ", ".join([f"{k}={v}" for k, v in c["options"].items()]
+                            + [f"lr[{k}]×{v:g}" for k, v in c["group_lr"].items()]) or "—"
+        lines.append(f"| {c['method']} | {c['stage']} | {c['lr']:g} | {rank} | {options} | {100 * r['accuracy']:.1f} | "
                      f"{reached} | {r['steps_run']} | {r['step_s']:.3f} |")
     lines.append(f"\n{steps} steps of batch 32; 'steps to 95%' = first evaluation at which the held-out accuracy "
                  "reached 95% (— = never); a run ends after two evaluations in a row at >= 95%, and its "
@@ -409,7 +413,13 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="Print gradient and delta norms at every eval.")
     parser.add_argument("--cache", default="runs/vipe_sweep", help="Directory for the text-side LM and results.")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: <cache>/results.json).")
+    parser.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                        help="Only print the table of earlier runs' result files (in this order).")
     args = parser.parse_args()
+    if args.table:
+        files = [json.loads(Path(f).read_text()) for f in args.table]
+        print(format_table([r for f in files for r in f["results"]], files[0]["args"]["steps"]))
+        return
     torch.set_num_threads(args.threads)
 
     options = {}
@@ -424,7 +434,7 @@ def main() -> None:
     task = build_task(args.frames, args.train_size, args.test_size, args.seed)
     lm_state = None
     if "pretrain" in args.stages:
-        lm_state = text_pretrained_lm_state(task, args.seed, cache=cache / f"text_lm_seed{args.seed}.pt")
+        lm_state = text_pretrained_lm_state(task, args.seed, cache=cache / f"text_lm_seed{args.seed}.safetensors")
     cases = []
     for stage in args.stages:
         for lr in args.lrs:
@@ -434,6 +444,8 @@ def main() -> None:
                     cases.append(Case(method, stage, lr, rank or 16, args.alpha if method == "vipe" else None,
                                       options if method == "vipe" else {}, group_lr if method == "vipe" else {}))
     results = []
+    out = Path(args.out) if args.out else cache / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases:
         start = time.perf_counter()
         r = run_case(case, task, lm_state, args.steps, args.batch_size, args.eval_every, args.seed, args.trace,
@@ -442,10 +454,8 @@ def main() -> None:
         reached = r["steps_to_95"] if r["steps_to_95"] is not None else "never"
         print(f"{r['label']}: accuracy {100 * r['accuracy']:.1f}%, 95% at {reached}, step {r['step_s']:.3f}s, "
               f"loss {r['final_loss']:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
+        out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))  # after every run
     print("\n" + format_table(results, args.steps))
-    out = Path(args.out) if args.out else cache / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
