@@ -119,8 +119,9 @@ METHOD_SETTINGS: dict[str, MethodSettings] = {
     "ppllava": MethodSettings(
         lr=2e-3,
         adapter={"options": {"output_size": [4, 1, 1]}},
-        why="the 2 x 2 object grid is smaller than the default (2, 3, 3) window: pooled to 4 x 1 x 1 (8x fewer "
-            "tokens than llava); its text tower is the demo's aligned dual encoder (video2param.data.text_alignment)",
+        why="4 tokens (T/2 x 1 x 1, 8x fewer than llava): at 8 frames what the default (2, 3, 3) windows give on "
+            "the 2 x 2 grid, fixed so that other --frames keep 4; its text tower is the demo's aligned dual "
+            "encoder (video2param.data.text_alignment)",
     ),
     "video2lora": MethodSettings(
         lr=1e-3,
@@ -294,9 +295,10 @@ def _aligned_text_tower(cfg: DemoConfig, data_cfg: MovingShapesConfig, train: tu
         raise ValueError("a method that reads the question with a text tower needs the dual encoder that made the "
                          f"features; --vision {cfg.vision} is a vision tower alone. Run it with its own script "
                          "(benchmarks/ppllava_movingshapes.py) or without --vision")
-    dual, quality = load_or_align(out_dir / "aligner", moving_shapes_tokenizer(data_cfg), train, held_out,
-                                  data_cfg.colors, AlignerSettings(), log, frames=cfg.frames,
-                                  train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
+    with hf_progress_bars_off():
+        dual, quality = load_or_align(out_dir / "aligner", moving_shapes_tokenizer(data_cfg), train, held_out,
+                                      data_cfg.colors, AlignerSettings(), log, frames=cfg.frames,
+                                      train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
     log(f"  aligned text tower: on held-out questions the relevance map puts {100 * quality['target_mass']:.0f}% of "
         f"its mass on the named object's tokens (uniform: {100 * quality['uniform_target_mass']:.0f}%)")
     return dual
