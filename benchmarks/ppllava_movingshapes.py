@@ -118,7 +118,8 @@ def main() -> None:
                                   train_size=args.train_size, test_size=args.test_size, seed=args.seed)
     print(f"  relevance on held-out questions: {json.dumps({k: round(v, 3) for k, v in quality.items()})}")
     random_dual = DualEncoder(build_aligner(aligner_tok, width, AlignerSettings()), text_tokenizer=aligner_tok)
-    make_llm = lambda: build_small_llm(len(tokenizer) + 1, args.seed)  # noqa: E731  (+1: the video token)
+    vocab_size = len(tokenizer) + 1  # +1: the video token; fixed before wrap_model adds it to the tokenizer
+    make_llm = lambda: build_small_llm(vocab_size, args.seed)  # noqa: E731  (every variant: the same initial LM)
     rows: dict[str, dict[str, Any]] = {}
     for name in args.variants:
         spec = VARIANTS[name]

@@ -73,6 +73,18 @@ def test_demo_text_tower_methods_need_the_demo_front_end(tmp_path):
                             tmp_path, print)
 
 
+def test_demo_methods_start_from_the_same_lm():
+    # wrap_model adds the video token to the tokenizer it gets: the LM factory must not see a larger vocabulary for
+    # the methods trained after the first (that changed their random initialisation).
+    from video2param.demo import DemoConfig, _language_model, demo_data_config
+
+    tokenizer, make_llm = _language_model(DemoConfig(), demo_data_config())
+    first = make_llm()
+    wrap_model(first, method="llava", tokenizer=tokenizer, vision_hidden_size=8, num_frames=2)
+    second = make_llm()
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
 def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "many"])

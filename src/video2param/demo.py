@@ -272,7 +272,10 @@ def _language_model(cfg: DemoConfig, data_cfg: MovingShapesConfig):
 
         return tokenizer, make_llm
     tokenizer = moving_shapes_tokenizer(data_cfg)
-    return tokenizer, lambda: build_small_llm(len(tokenizer) + 1, cfg.seed)  # +1: the video token
+    # Fixed now: wrap_model adds the video token to this tokenizer, and a vocabulary one row larger would give the
+    # methods trained after the first a differently initialised LM.
+    vocab_size = len(tokenizer) + 1  # +1: the video token
+    return tokenizer, lambda: build_small_llm(vocab_size, cfg.seed)
 
 
 def _vision(cfg: DemoConfig, data_cfg: MovingShapesConfig):
