@@ -416,11 +416,15 @@ def test_fused_qkv_matches_own_split_method(models, arch):
     nh, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     if arch == "bloom":  # _reshape → (B, H, S, D) each
         own = [_flat_heads(t) for t in attn._reshape(fused)]
-    elif arch == "falcon":  # _split_heads → (B, S, H, D); k/v broadcast from n_kv groups to all query heads
-        sq, sk, sv = attn._split_heads(fused)
+    elif arch == "falcon":
         n_kv = cfg.num_kv_heads
-        first_of_group = lambda t: t.unflatten(2, (n_kv, nh // n_kv))[:, :, :, 0].flatten(2)  # noqa: E731
-        own = [sq.flatten(2), first_of_group(sk), first_of_group(sv)]
+        if hasattr(attn, "_split_heads"):  # transformers <= 5.24: (B, S, H, D), k/v broadcast to all query heads
+            sq, sk, sv = attn._split_heads(fused)
+            first_of_group = lambda t: t.unflatten(2, (n_kv, nh // n_kv))[:, :, :, 0].flatten(2)  # noqa: E731
+            own = [sq.flatten(2), first_of_group(sk), first_of_group(sv)]
+        else:  # 5.25 moved the split into forward: per kv group [its queries..., key, value]
+            grouped = fused.view(2, 5, n_kv, -1, hd)
+            own = [grouped[..., :-2, :].flatten(2), grouped[..., -2, :].flatten(2), grouped[..., -1, :].flatten(2)]
     elif arch == "gpt_neox":  # the forward's own expression
         own = [_flat_heads(t) for t in fused.view(2, 5, -1, 3 * hd).transpose(1, 2).chunk(3, dim=-1)]
     else:  # GPT-BigCode multi-query: split by (embed_dim, kv_dim, kv_dim)
