@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         import triton  # noqa: F401
         import triton.testing  # noqa: F401
     except ImportError:
-        return _fail("triton is not installed; install it (Linux) to benchmark the kernels.")
+        return _fail("triton is not installed: pip install 'video2param[cuda]' (Linux with an NVIDIA GPU).")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return _fail("TRITON_INTERPRET is set; unset it so the kernels are compiled for the GPU.")
     os.environ["VIDEO2PARAM_KERNELS"] = "auto"  # CUDA tensors → Triton, whatever the caller's shell says
