@@ -69,7 +69,8 @@ class VipeOptions:
                           "w_l_lr_ratio · P (rounded to a power of two), so every optimizer gets it: exact for "
                           "Adam-type optimizers, squared for plain SGD. Below 1 the static, video-independent part "
                           "of the delta grows slower than the video's; 1/8 reached 95% in the fewest steps on the "
-                          "sweep of docs/vipe-training.md.", "gt": 0},
+                          "sweep of docs/vipe-training.md, while 1 learned the demo's motion question far more "
+                          "reliably (docs/results.md).", "gt": 0},
     )
 
     def __post_init__(self) -> None:
