@@ -37,13 +37,11 @@ def table(runs: list[dict], baseline: str = "llava") -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     chance = runs[0]["chance"]
     lines.append("| chance | " + " | ".join(f"{100 * chance[k]:.1f}" if k in chance else "" for k in keys) + " | | |")
-    means = {m: {k: statistics.fmean(r["rows"][m]["accuracy"][k] for r in runs) for k in keys} for m in methods}
+    values = {m: {k: [100 * r["rows"][m]["accuracy"][k] for r in runs] for k in keys} for m in methods}
+    means = {m: {k: statistics.fmean(v) for k, v in per_type.items()} for m, per_type in values.items()}
     for m in methods:
-        cells = []
-        for k in keys:
-            values = [100 * r["rows"][m]["accuracy"][k] for r in runs]
-            cells.append(f"{statistics.fmean(values):.1f} ({min(values):.0f}–{max(values):.0f})")
-        gaps = {k: 100 * (means[m][k] - means[baseline][k]) for k in keys if k not in ("static", "temporal", "overall")}
+        cells = [f"{means[m][k]:.1f} ({min(values[m][k]):.0f}–{max(values[m][k]):.0f})" for k in keys]
+        gaps = {k: means[m][k] - means[baseline][k] for k in keys if k not in ("static", "temporal", "overall")}
         worst = min(gaps, key=gaps.get)
         label = f"{m} (baseline)" if m == baseline else m
         gap = "" if m == baseline else f"{worst} {gaps[worst]:+.1f}"

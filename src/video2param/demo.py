@@ -391,13 +391,13 @@ def _ask_example(rows: dict[str, dict[str, Any]], test_set, out_dir: Path, visio
                  tries: int = 20) -> dict[str, Any]:
     """Write a held-out video as an MP4, answer its question from the saved files, print the `ask` command.
 
-    Uses the method with the best overall accuracy among those ``ask`` can load from its files alone. Candidates are the held-out temporal questions in order
-    (direction first); the first one the saved adapter, LM and front end answer right from the MP4 is shown (the
-    number tried is reported); if none of ``tries`` is, the first is shown with the wrong answer.
+    Uses the method with the best overall accuracy among those ``ask`` can load from its files alone. Candidates
+    are the held-out temporal questions in order (direction first); the first one the saved adapter, LM and front
+    end answer right from the MP4 is shown (the number tried is reported); if none of ``tries`` is, the first is
+    shown with the wrong answer.
     """
     from .ask import Asker
     from .data.video_file import write_mp4
-
     from .methods.base import get_method
 
     # `ask` loads an adapter, an LM and the vision front end; a method that also needs a text tower or a teacher
