@@ -122,6 +122,30 @@ def test_uniform_relevance_is_the_window_mean():
     torch.testing.assert_close(outs[0], outs[1])
 
 
+def test_uniform_relevance_needs_neither_a_text_tower_nor_a_question(tmp_path):
+    # Unguided pooling is the PPLLaVA ablation and a method of its own: a vision tower alone (by name or as
+    # features) must do, and no question is read.
+    tok = _tokenizer()
+    llm = make_tiny_lm("llama", vocab_size=len(tok) + 8)
+    vm = wrap_model(llm, method="ppllava", vision_hidden_size=DV, tokenizer=tok, num_frames=4, relevance="uniform",
+                    kernel=[2, 2, 2])
+    feats = random_features(2)
+    tokens = vm.encode_video(feats).embeds  # no input_ids
+    assert tokens.shape[0] == 2 and torch.isfinite(tokens).all()
+    ids, mask = _prompts(vm)
+    assert torch.isfinite(vm(input_ids=ids, attention_mask=mask, videos=feats).logits).all()
+    dual = make_tiny_dual_encoder("clip", vision_width=DV)
+    _clip_of(dual).save_pretrained(tmp_path / "clip")
+    dual.text_tokenizer.save_pretrained(tmp_path / "clip")
+    named = wrap_model(make_tiny_lm("llama", vocab_size=len(tok) + 8), method="ppllava", vision=str(tmp_path / "clip"),
+                       tokenizer=tok, num_frames=4, relevance="uniform", kernel=[2, 2, 2])
+    assert not isinstance(named.vision, DualEncoder)  # the text tower is not loaded when nothing reads it
+    guided = wrap_model(make_tiny_lm("llama", vocab_size=len(tok) + 8), method="ppllava", vision_hidden_size=DV,
+                        tokenizer=tok, num_frames=4, kernel=[2, 2, 2], text_hidden_size=16, text_positions=32)
+    with pytest.raises(ValueError, match="dual encoder"):  # guided pooling still names what it misses
+        guided(input_ids=ids, attention_mask=mask, videos=feats)
+
+
 def _pool_by_formula(v, s, kernel, stride, mode, temperature):
     """Eq. 3 of the paper (and the public code's window softmax) as explicit loops over windows."""
     n, t, h, w, c = v.shape

@@ -103,6 +103,36 @@ def test_context_shapes_per_sample_and_the_bias_lora_appended_once():
         torch.testing.assert_close(generated.deltas[key].A, ctx.deltas[key].A[:, :2 * r])
 
 
+@pytest.mark.parametrize("positions", [True, False])
+def test_hypernetwork_reads_the_order_of_the_readout_only_with_context_positions(positions):
+    # The Perceiver's cross-attention reads a set: without position codes, reversing the read-out positions gives
+    # the same LoRA, so frame order could reach it only through the LLM's causal mixing.
+    vm = wake(build(context_positions=positions)[0])
+    method = vm.method
+    if positions:
+        assert method.position_proj is not None
+    else:
+        assert method.position_proj is None and not any("position" in k for k in method.state_dict())
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, len(method._layers), 7, vm.llm.config.hidden_size, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        forward = method.hypernetwork(hidden, mask).factors
+        reversed_ = method.hypernetwork(hidden.flip(2), mask).factors
+    same = all(torch.allclose(forward[k][0], reversed_[k][0], atol=1e-5) for k in forward)
+    assert same is (not positions)
+
+
+def test_context_positions_start_at_zero_and_receive_a_gradient():
+    vm = build()[0]
+    assert torch.count_nonzero(vm.method.position_proj.weight) == 0  # a fresh hypernetwork is the public code's
+    wake(vm).train()
+    hidden = torch.randn(1, len(vm.method._layers), 5, vm.llm.config.hidden_size)
+    factors = vm.method.hypernetwork(hidden, torch.ones(1, 5, dtype=torch.long)).factors
+    sum(B.square().sum() for _, B in factors.values()).backward()
+    assert vm.method.position_proj.weight.grad is not None and vm.method.position_proj.weight.grad.abs().sum() > 0
+
+
 def test_question_time_input_is_the_prompt_alone():
     vm = wake(build()[0])
     tok = vm.tokenizer

@@ -70,7 +70,7 @@ class VideoModel(nn.Module):
             )
         self.llm = llm
         self.tokenizer = tokenizer
-        self.vision = _as_vision_encoder(vision, get_method(config.method))
+        self.vision = _as_vision_encoder(vision, *get_method(config.method).requirements(config.options))
         # Helper models stay frozen and outside the adapter's state dict (see adapter_state_dict).
         self.text_encoder = text_encoder
         if text_encoder is not None:
@@ -95,6 +95,7 @@ class VideoModel(nn.Module):
                                 model_type=getattr(llm.config, "model_type", ""))
         param = next(llm.parameters())
         self.method = method_cls(config, self.llm_info).to(device=param.device)
+        self._needs, self._views = method_cls.requirements(config.options)
         self.video_token = config.video_token
         self.video_token_id: int | None = (
             ensure_video_token(tokenizer, config.video_token) if tokenizer is not None else None
@@ -217,8 +218,7 @@ class VideoModel(nn.Module):
 
     def _conditioning(self, batch: int, input_ids, attention_mask, labels, prompt_mask) -> Conditioning:
         """Fill a ``Conditioning`` with exactly what the method declared in ``needs``."""
-        method_cls = type(self.method)
-        needs = method_cls.needs
+        needs = self._needs
         cond = Conditioning()
         if needs & {"prompt", "prompt_embeds", "prompt_text"}:
             if input_ids is None:
@@ -266,7 +266,7 @@ class VideoModel(nn.Module):
     def _vision_views(self, inputs: VideoInputs) -> dict[str, torch.Tensor]:
         """The vision views the method declared: given with the features (``VideoFeatures``), else derived from the
         features by the dual encoder (``vision=`` or ``text_encoder=``); ValueError naming a view nobody provides."""
-        names = type(self.method).vision_views
+        names = self._views
         views = {name: inputs.views[name] for name in names if name in inputs.views}
         missing = [name for name in names if name not in views]
         if missing:
@@ -690,7 +690,7 @@ def wrap_model(llm: nn.Module, config: VideoAdapterConfig | str | None = None, *
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
-def _as_vision_encoder(vision: Any, method_cls=None):
+def _as_vision_encoder(vision: Any, needs: frozenset[str] = frozenset(), views: tuple[str, ...] = ()):
     """``vision=`` as a ``VisionEncoder``: as given, a module wrapped (a CLIP/SigLIP dual model as a ``DualEncoder``),
     or a name/path loaded (as a ``DualEncoder`` when the method reads a text tower or vision views)."""
     if vision is None:
@@ -701,7 +701,7 @@ def _as_vision_encoder(vision: Any, method_cls=None):
     if isinstance(vision, VisionEncoder):
         return vision
     if isinstance(vision, (str, Path)):
-        wants_dual = method_cls is not None and bool(method_cls.vision_views or "text_encoder" in method_cls.needs)
+        wants_dual = bool(views or "text_encoder" in needs)
         return DualEncoder.from_pretrained(vision) if wants_dual else VisionEncoder.from_pretrained(vision)
     if is_dual_encoder_model(vision):
         return DualEncoder(vision)

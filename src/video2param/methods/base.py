@@ -280,6 +280,12 @@ class VideoMethod(nn.Module):
         self.llm_info = llm
         self.options = self.parse_options(config.options)
 
+    @classmethod
+    def requirements(cls, options: dict[str, Any]) -> tuple[frozenset[str], tuple[str, ...]]:
+        """(needs, vision_views) of an adapter with these options: the class's own, unless an option switches some
+        off (e.g. PPLLaVA's uniform relevance reads no question and no text tower)."""
+        return cls.needs, cls.vision_views
+
     @property
     def vision_width(self) -> int:
         """Width Dv of the incoming video features (ValueError when the config does not know it)."""

@@ -164,6 +164,13 @@ class PPLLaVAMethod(VideoMethod):
             self.text_position_residual = nn.Parameter(torch.zeros(extra, opts.text_hidden_size))
 
     @classmethod
+    def requirements(cls, options: dict[str, Any]) -> tuple[frozenset[str], tuple[str, ...]]:
+        # Uniform relevance is unguided pooling: no question, no text tower, no projected patches.
+        if options.get("relevance", "prompt") == "uniform":
+            return frozenset(), ()
+        return cls.needs, cls.vision_views
+
+    @classmethod
     def complete_config(cls, config, *, vision: Any = None, text_encoder: Any = None):
         """Fill ``text_hidden_size`` / ``text_positions`` from the text tower (ValueError when they disagree)."""
         tower = text_encoder if text_encoder is not None else vision

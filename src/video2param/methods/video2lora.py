@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Conditioning, LLMInfo, LowRank, VideoMethod, WeightContext, register_method
-from .blocks import PerceiverAttention, PerceiverBlock, SwiGLU
+from .blocks import PerceiverAttention, PerceiverBlock, SwiGLU, sinusoid
 
 DEFAULT_INSTRUCTION = "Internalize this video for later captioning."
 
@@ -81,6 +81,13 @@ class Video2LoRAOptions:
         default=False,
         metadata={"help": "RMS-normalise each hidden state (no weights) before the input projection. Off in the "
                           "public code; useful when the LLM's residual stream grows large with depth."},
+    )
+    context_positions: bool = field(
+        default=True,
+        metadata={"help": "Add a learned code of each read-out position (a zero-initialised projection of a fixed "
+                          "sinusoid) to the hypernetwork's input. The Perceiver's cross-attention reads a set, and a "
+                          "RoPE LLM's residual stream holds no absolute position, so without it frame order reaches "
+                          "the LoRA only through the LLM's causal mixing. Off in the public code."},
     )
     bias_lora: bool = field(
         default=True,
@@ -140,6 +147,9 @@ class Video2LoRAMethod(VideoMethod):
         d = llm.hidden_size
         self.input_norm = nn.RMSNorm(d, elementwise_affine=False) if opt.input_norm else None
         self.input_proj = SwiGLU(d, opt.input_mult * d, dim)
+        self.position_proj = nn.Linear(dim, dim, bias=False) if opt.context_positions else None
+        if self.position_proj is not None:
+            nn.init.zeros_(self.position_proj.weight)  # starts as the public code's hypernetwork; learns positions
         self.latents = nn.Parameter(torch.randn(opt.num_latents, dim))
         self.blocks = nn.ModuleList(
             PerceiverBlock(dim, opt.num_heads, opt.head_dim, opt.kv_heads, opt.ffn_mult) for _ in range(opt.depth)
@@ -207,6 +217,8 @@ class Video2LoRAMethod(VideoMethod):
         if self.input_norm is not None:
             x = self.input_norm(x)
         x = self.input_proj(x)
+        if self.position_proj is not None:
+            x = x + self.position_proj(sinusoid(torch.arange(n, device=x.device), x.shape[-1]).to(x.dtype))
         latents = self.latents[None].expand(b * n_layers, -1, -1)
         for block in self.blocks:
             latents = block(latents, x, ctx_mask)
