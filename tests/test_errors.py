@@ -164,3 +164,30 @@ def test_empty_video_batches(vm, tokenizer, videos):
     ids, mask = encode(tokenizer, ["<video> a ?"])
     with pytest.raises(ValueError, match="videos: (an )?empty"):
         vm(input_ids=ids, attention_mask=mask, videos=videos)
+
+
+@pytest.mark.parametrize("storage", ["int8", "zero3", "flat"])
+def test_merge_refuses_quantized_or_sharded_weights_and_leaves_every_weight_intact(llama, tokenizer, storage):
+    # A cast of the delta into int8 storage, or an add into one shard, would be a silently wrong model.
+    cfg = VideoAdapterConfig(method="vipe", vision_hidden_size=DV, num_frames=4, rank=4, inject_every=1,
+                             options={"hidden_dim": 32, "num_heads": 4, "depth": 1})
+    vm = wrap_model(llama, cfg, tokenizer=tokenizer)
+    with torch.no_grad():
+        for p in vm.method.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ctx = vm.encode_video(random_features(1))
+    wrappers = list(vm._wrappers.values())
+    last = wrappers[-1].base  # merged last: every earlier wrapper must be restored
+    if storage == "int8":
+        last.weight = torch.nn.Parameter(torch.ones_like(last.weight, dtype=torch.int8), requires_grad=False)
+    elif storage == "zero3":
+        last.weight.ds_id = 7  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    else:
+        last.weight = torch.nn.Parameter(last.weight.detach().reshape(-1).clone())
+    before = {name: p.detach().clone() for name, p in vm.llm.named_parameters()}
+    with pytest.raises(ValueError, match={"int8": "torch.int8", "zero3": "sharded", "flat": "shape"}[storage]):
+        with vm.merged(ctx):
+            pass
+    for name, p in vm.llm.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert all(w.merged_context is None for w in wrappers)

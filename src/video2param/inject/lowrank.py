@@ -176,6 +176,7 @@ class LowRankWrapper(nn.Module):
         if self.merged_context is not None:
             raise RuntimeError("video2param: a video is already merged into this module; unmerge it first")
         weight = self.base.weight
+        _check_mergeable(weight, context, self.keys, self.transposed)
         self._saved_weight = weight.detach().clone()
         try:
             for i, key in enumerate(self.keys):
@@ -206,6 +207,29 @@ class LowRankWrapper(nn.Module):
             self.base.weight.copy_(self._saved_weight)
         self._saved_weight = None
         self.merged_context = None
+
+
+def _check_mergeable(weight: torch.Tensor, context: WeightContext, keys: list[str], transposed: bool) -> None:
+    """ValueError when a delta cannot be added into ``weight`` as a dense float matrix: quantized (integer or
+    packed storage: the cast would corrupt it), sharded (DeepSpeed ZeRO-3 partitions, DTensor) or not the shape
+    the delta describes. The unmerged path serves such models."""
+    hint = "; use the unmerged path (generate(..., merge=False), or drop merged())"
+    if getattr(weight, "ds_id", None) is not None or type(weight).__name__ == "DTensor":
+        raise ValueError(f"merged(): the base weight is sharded ({type(weight).__name__}, DeepSpeed ZeRO-3 or FSDP); "
+                         f"a video cannot be merged into one shard{hint}")
+    if not weight.is_floating_point():
+        raise ValueError(f"merged(): the base weight is stored as {weight.dtype} (a quantized layer?); adding a delta "
+                         f"would corrupt it{hint}")
+    shape = tuple(weight.shape)
+    rows, cols = (shape[::-1] if transposed else shape) if len(shape) == 2 else (-1, -1)
+    for key in keys:
+        factors = context.deltas.get(key)
+        if factors is None:
+            continue
+        d_out, d_in = factors.B.shape[1], factors.A.shape[2]
+        if cols != d_in or rows < d_out:
+            raise ValueError(f"merged(): the base weight of {key!r} has shape {tuple(weight.shape)}, not the "
+                             f"({d_out}, {d_in}) matrix its delta describes{hint}")
 
 
 def _batched_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
