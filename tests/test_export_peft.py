@@ -206,3 +206,46 @@ def test_module_loras_checks_sample_and_widths():
         module_loras(WeightContext({q.key: LowRank(torch.ones(1, 4, 16), torch.ones(1, 32, 4), 1.0)}), sites)
     with pytest.raises(ValueError, match=r"q_proj: B has output width 8, the site has 32 output features"):
         module_loras(WeightContext({q.key: LowRank(torch.ones(1, 4, 32), torch.ones(1, 8, 4), 1.0)}), sites)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("order", ["wrap", "attach"])
+def test_the_llms_own_lora_is_exported_with_the_video(tmp_path, arch, order):
+    # Without the LLM's LoRA the PEFT model would answer differently from the video model: it is folded in.
+    from video2param.llm_lora import attach_llm_lora
+
+    targets = ["q_proj", "v_proj", "up_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    lora = LoraConfig(r=2, lora_alpha=6, target_modules=targets, lora_dropout=0.0)
+    llm = make_tiny_lm(arch)
+    torch.manual_seed(0)
+    vm = wrap_model(llm, **VIPE, llm_lora=lora if order == "wrap" else None)
+    if order == "attach":
+        attach_llm_lora(vm, lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in vm.method.W_l.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, p in vm.llm.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: make the LoRA matter
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    vm.eval()
+    video = random_features(1)
+    ids, mask = _prompts()
+    with torch.no_grad():
+        expected = vm(input_ids=ids, attention_mask=mask, videos=video).logits
+    out = vm.export_peft(video, tmp_path / "lora")
+    config = json.loads((out / "adapter_config.json").read_text())
+    video_modules = {s.name for s in vm.llm_info.sites}
+    assert set(config["target_modules"]) > video_modules  # the LoRA's modules outside the video's sites too
+    peft_model = PeftModel.from_pretrained(make_tiny_lm(arch), out).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_llm_lora_one_plain_lora_cannot_carry_is_refused(tmp_path):
+    vm = wrap_model(make_tiny_lm("llama"), **VIPE,
+                    llm_lora=LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="use_dora.*merge_and_unload"):
+        vm.export_peft(random_features(1), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
