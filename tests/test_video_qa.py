@@ -101,6 +101,20 @@ def test_the_chat_template_is_used_and_answers_include_the_turn_end(tmp_path, cl
     assert pad.any() and batch["labels"][pad].eq(IGNORE_INDEX).all()
 
 
+@pytest.mark.parametrize("template", [False, True])
+def test_ask_renders_the_prompt_the_dataset_trains_on(tmp_path, clips, encoder, template):
+    # `video2param ask` must put the question to the model the way training did, chat template included.
+    from video2param.data import question_prompt_ids
+
+    tok = _tokenizer(template=template)
+    ds = VideoQADataset(_write(tmp_path / "train.json", _rows(clips)[:1]), tok, encoder, num_frames=FRAMES)
+    item = ds[0]
+    prompt = item["input_ids"][item["labels"] == IGNORE_INDEX].tolist()
+    answer_start = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
+    assert prompt == item["input_ids"][:answer_start].tolist()  # the prompt is the prefix before the answer
+    assert question_prompt_ids(tok, "What is the man holding?", "<video>") == prompt
+
+
 @pytest.mark.parametrize("row,problem", [
     ({"conversations": [{"from": "human", "value": "<video> hi"}, {"from": "gpt", "value": "yes"}]}, "no video"),
     ({"video": "missing.mp4", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]},

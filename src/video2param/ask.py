@@ -64,11 +64,13 @@ class Asker:
     def __call__(self, video: str | Path | Any, question: str, *, frames: int | None = None,
                  max_new_tokens: int = 32) -> str:
         """Greedy-decode the answer to ``question`` about ``video``."""
-        from .data.collate import format_prompt
+        from .data.video_qa import question_prompt_ids
 
         features = self.features(video, frames)
         tok = self.tokenizer
-        prompt = tok([format_prompt(question, self.model.video_token)], return_tensors="pt")
+        # The prompt the adapter was trained on: the chat template when the tokenizer has one (as VideoQADataset).
+        ids = torch.tensor([question_prompt_ids(tok, question, self.model.video_token)])
+        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.inference_mode():
             out = self.model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
                                       videos=features[None], max_new_tokens=max_new_tokens, do_sample=False,

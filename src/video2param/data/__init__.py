@@ -15,7 +15,7 @@ from .moving_shapes import (
     moving_shapes_vocabulary,
 )
 from .tokenizer import build_word_tokenizer, moving_shapes_tokenizer
-from .video_qa import VideoQADataset, VideoQARecord, read_video_qa
+from .video_qa import VideoQADataset, VideoQARecord, question_prompt_ids, read_video_qa
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,6 +37,7 @@ __all__ = [
     "make_splits",
     "moving_shapes_tokenizer",
     "moving_shapes_vocabulary",
+    "question_prompt_ids",
     "read_video_qa",
     "stack_videos",
 ]

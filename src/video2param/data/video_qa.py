@@ -38,10 +38,21 @@ from torch.utils.data import Dataset
 
 from .collate import IGNORE_INDEX, format_prompt, stack_videos
 
-__all__ = ["VIDEO_MARK", "VideoQADataset", "VideoQARecord", "read_video_qa"]
+__all__ = ["VIDEO_MARK", "VideoQADataset", "VideoQARecord", "question_prompt_ids", "read_video_qa"]
 
 #: The video mark of the file format (replaced by the model's own video token when they differ).
 VIDEO_MARK = "<video>"
+
+
+def question_prompt_ids(tokenizer: Any, question: str, video_token: str = VIDEO_MARK) -> list[int]:
+    """Token ids of a one-question prompt about a video, as :class:`VideoQADataset` renders the prompts it trains
+    on: with the tokenizer's chat template when it has one (the video mark opening the user turn, the generation
+    prompt added), else ``format_prompt``'s "<video> question: ... answer:"."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{video_token}\n{question.strip()}"}],
+                                             tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(format_prompt(question, video_token))["input_ids"])
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
