@@ -75,6 +75,12 @@ class LinvtOptions:
         default_factory=lambda: [64, 32, 16],
         metadata={"help": "Learnable queries (= output tokens) of each scale (paper: 64, 32, 16).",
                   "min": 1, "max": 16384})
+    query_init_std: float = field(
+        default=1.0,
+        metadata={"help": "Standard deviation of the TTA queries at initialisation. At 0.02 the blocks' residual "
+                          "updates swamp them: every query leaves the blocks as the same vector (cosine 0.98 at "
+                          "birth, 0.99999 after training) and all output tokens share one attention row; 1 keeps "
+                          "them apart (docs/results.md).", "min": 0.0, "max": 100.0})
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim.", "min": 1, "max": 64})
     dropout: float = field(default=0.0, metadata={"help": "Attention dropout in the scorer and TTA.", "min": 0.0,
                                                   "lt": 1.0})
@@ -275,9 +281,9 @@ class ScaleAggregator(nn.Module):
     """TTA of one scale: its own queries and blocks, and the final aggregation over that scale's tokens."""
 
     def __init__(self, slots: int, dim: int, text_dim: int, heads: int, layers: int, ffn_mult: int,
-                 dropout: float) -> None:
+                 dropout: float, query_init_std: float = 0.02) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.queries = nn.Parameter(torch.randn(slots, dim) * query_init_std)
         self.blocks = nn.ModuleList(
             TextConditionedQueryBlock(dim, text_dim, heads, ffn_mult, dropout) for _ in range(layers)
         )
@@ -354,7 +360,7 @@ class LinvtMethod(VideoMethod):
         self.token_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h))
         self.text_norm = nn.LayerNorm(d)
         self.aggregators = nn.ModuleList(
-            ScaleAggregator(n, h, d, opt.num_heads, opt.tta_layers, opt.ffn_mult, opt.dropout)
+            ScaleAggregator(n, h, d, opt.num_heads, opt.tta_layers, opt.ffn_mult, opt.dropout, opt.query_init_std)
             for n in opt.scale_queries
         )
         # θ per scale; the aggregation uses α = clamp(θ, 0, 1) (see ``mix``).

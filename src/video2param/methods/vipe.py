@@ -55,6 +55,10 @@ class VipeOptions:
     merge: bool = field(default=True, metadata={"help": "HCM on/off. Off: every block attends to every token."})
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the injection blocks."})
+    query_init_std: float = field(
+        default=0.02,
+        metadata={"help": "Standard deviation of the perceptual queries at initialisation.", "min": 0.0,
+                  "max": 100.0})
     a_lr_ratio: float = field(
         default=1.0,
         metadata={"help": "How fast the generated A (= W_vᵀ) moves under Adam, relative to a LoRA's A at the same "
@@ -195,7 +199,7 @@ class VipeMethod(VideoMethod):
         self.input_proj = nn.Sequential(nn.Linear(dv_in, dim), nn.LayerNorm(dim))
         self.frame_embedding = nn.Embedding(config.num_frames, dim)
         nn.init.normal_(self.frame_embedding.weight, std=0.02)
-        self.queries = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        self.queries = nn.Parameter(torch.randn(rank, dim) * opt.query_init_std)
         self.blocks = nn.ModuleList(QueryBlock(dim, opt.num_heads, opt.ffn_mult, opt.dropout) for _ in range(opt.depth))
         self.final_norm = nn.LayerNorm(dim)
         # Perceptual weight generators: one projection Dv → d_in per site (W_v), one zero W_l (r × d_out) per site.
