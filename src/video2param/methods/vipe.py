@@ -56,9 +56,11 @@ class VipeOptions:
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the injection blocks."})
     query_init_std: float = field(
-        default=0.02,
-        metadata={"help": "Standard deviation of the perceptual queries at initialisation.", "min": 0.0,
-                  "max": 100.0})
+        default=1.0,
+        metadata={"help": "Standard deviation of the perceptual queries at initialisation. At 0.02 the blocks' "
+                          "residual updates swamp them: the r queries leave the blocks as one vector, so the "
+                          "video-dependent part of every delta has rank ~1 (cosine 0.9997 between queries after "
+                          "training); 1 keeps them apart (docs/results.md).", "min": 0.0, "max": 100.0})
     a_lr_ratio: float = field(
         default=1.0,
         metadata={"help": "How fast the generated A (= W_vᵀ) moves under Adam, relative to a LoRA's A at the same "
