@@ -61,7 +61,8 @@ def test_fresh_generated_a_has_lora_scale(llama, tokenizer):
 def test_multipliers_are_powers_of_two_and_follow_the_options():
     assert nearest_power_of_two(0.1) == 0.125 and nearest_power_of_two(1 / 96) == 1 / 128
     scaling = GeneratorScaling.from_options(VipeOptions(hidden_dim=128), 128)
-    assert scaling == GeneratorScaling(to_A=1 / 128, W_l=0.125)
+    assert scaling == GeneratorScaling(to_A=1 / 128, W_l=1.0)
+    assert GeneratorScaling.from_options(VipeOptions(w_l_lr_ratio=0.1), 128).W_l == 0.125
     assert GeneratorScaling.from_options(VipeOptions(a_lr_ratio=128.0, w_l_lr_ratio=1.0), 128) == GeneratorScaling(1.0, 1.0)
     with pytest.raises(ValueError, match="options.w_l_lr_ratio"):
         VipeOptions(w_l_lr_ratio=0.0)
@@ -111,7 +112,7 @@ def test_adapter_saved_before_the_multipliers_loads_to_the_same_deltas(tmp_path,
         del payload["adapter"]["options"][key]
     config_file.write_text(json.dumps(payload))
     new = VideoModel.from_pretrained(old.unwrap(), path, tokenizer=tokenizer)
-    assert new.method.scaling == GeneratorScaling(to_A=1 / 32, W_l=0.125)  # today's defaults
+    assert new.method.scaling == GeneratorScaling(to_A=1 / 32, W_l=1.0)  # today's defaults
     got = new.method.encode(feats)
     for key, delta in expected.deltas.items():
         assert torch.allclose(got.deltas[key].A, delta.A, atol=1e-6)

@@ -105,11 +105,9 @@ METHOD_SETTINGS: dict[str, MethodSettings] = {
     "vipe": MethodSettings(
         lr=2e-3,
         adapter={"rank": 16, "alpha": 32.0, "inject_every": 1,
-                 "options": {"hidden_dim": 128, "num_heads": 4, "depth": 2, "w_l_lr_ratio": 1.0}},
-        why="llava's rate: since issue #16 ViPE learns at every rate of the sweep in docs/vipe-training.md. "
-            "w_l_lr_ratio 1 (W_l at the full rate; the library default 1/8 learns the static questions faster): "
-            "direction on seeds 0-2 was 87, 28, 23 with 1/8 and 100, 90, 67 with 1 (docs/results.md), both with the "
-            "queries that collapsed before query_init_std",
+                 "options": {"hidden_dim": 128, "num_heads": 4, "depth": 2}},
+        why="llava's rate: since issue #16 ViPE learns at every rate of the sweep in docs/vipe-training.md; the "
+            "library's defaults otherwise (queries at std 1, W_l at the full rate), sized for the small LM",
     ),
     "linvt": MethodSettings(
         lr=2e-3,
