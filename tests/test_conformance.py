@@ -142,7 +142,9 @@ def test_batch_invariance(method, arch):
         one = tok([PROMPTS[i]], return_tensors="pt")
         alone = vm(**one, videos=feats[i : i + 1]).logits[0]
         n = alone.shape[0]
-        torch.testing.assert_close(together[i, :n], alone, rtol=1e-4, atol=1e-5)
+        # float32 sums over other batch shapes: ~3e-5 on logits of ~0.3 (gpt2 + vipe); a leak between samples
+        # shows at the size of the video's effect, orders of magnitude above.
+        torch.testing.assert_close(together[i, :n], alone, rtol=1e-4, atol=1e-4)
 
 
 @methods

@@ -254,8 +254,8 @@ def test_export_peft_writes_the_composed_lora_and_peft_gives_the_same_logits(tmp
 def test_teacher_is_held_frozen_outside_the_state_dict_and_follows_to():
     vm, teacher, _ = build()
     assert vm.teacher is teacher
-    assert all(k.startswith(("input_proj", "latents", "blocks", "final_norm", "queries", "norm_queries", "decoder",
-                             "head", "scale_", "bias_")) for k in vm.adapter_state_dict())
+    assert all(k.startswith(("input_proj", "position_proj", "latents", "blocks", "final_norm", "queries",
+                             "norm_queries", "decoder", "head", "scale_", "bias_")) for k in vm.adapter_state_dict())
     teacher_ids = {id(p) for p in teacher.method.parameters()}
     assert not teacher_ids & {id(p) for p in vm.parameters()}
     assert not any(p.requires_grad for p in teacher.method.parameters())

@@ -218,7 +218,9 @@ class Video2LoRAMethod(VideoMethod):
             x = self.input_norm(x)
         x = self.input_proj(x)
         if self.position_proj is not None:
-            x = x + self.position_proj(sinusoid(torch.arange(n, device=x.device), x.shape[-1]).to(x.dtype))
+            # Ordinal among the real positions, so padding (a shorter video in the batch) shifts nothing.
+            index = torch.arange(n, device=x.device)[None] if ctx_mask is None else ctx_mask.long().cumsum(-1) - 1
+            x = x + self.position_proj(sinusoid(index.clamp_min(0), x.shape[-1]).to(x.dtype))
         latents = self.latents[None].expand(b * n_layers, -1, -1)
         for block in self.blocks:
             latents = block(latents, x, ctx_mask)
