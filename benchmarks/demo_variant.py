@@ -42,9 +42,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from video2param import VideoAdapterConfig, wrap_model
-    from video2param.data import VideoQACollator, evaluate, make_splits, moving_shapes_tokenizer
-    from video2param.data.features import FeatureStandardizer, encode_dataset, standardize_items
-    from video2param.demo import build_small_llm, demo_data_config, demo_front_end, method_options, method_settings
+    from video2param.data import VideoQACollator, evaluate
+    from video2param.demo import build_small_llm, demo_data, method_options, method_settings
     from video2param.methods.base import get_method
     from video2param.train import TrainConfig, train
 
@@ -59,14 +58,9 @@ def main() -> None:
     adapter.setdefault("num_frames", args.frames)
     lr = args.lr if args.lr is not None else method_settings(args.method).lr
 
-    data_cfg = demo_data_config(args.frames, args.seed)
-    train_set, test_set = make_splits(data_cfg, args.train_size, args.test_size)
-    tokenizer = moving_shapes_tokenizer(data_cfg)
+    data = demo_data(args.frames, args.seed, args.train_size, args.test_size)
+    tokenizer, encoder, train_feats, test_feats = data.tokenizer, data.encoder, data.train_feats, data.test_feats
     vocab_size = len(tokenizer) + 1  # the video token, added by wrap_model (fixed first, as the demo does)
-    encoder = demo_front_end(data_cfg.frame_size).vision_encoder(chunk_size=1024, progress=False)
-    train_feats = encode_dataset(train_set, encoder, progress=False)
-    test_feats = encode_dataset(test_set, encoder, progress=False)
-    standardize_items(FeatureStandardizer.fit([item.video for item in train_feats]), train_feats, test_feats)
 
     teacher, stage, llm = None, "sft", None
     if needs_teacher:

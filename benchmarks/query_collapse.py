@@ -78,18 +78,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from video2param.data import VideoQACollator, make_splits, moving_shapes_tokenizer
-    from video2param.data.features import FeatureStandardizer, encode_dataset, standardize_items
-    from video2param.demo import demo_data_config, demo_front_end
+    from video2param.data import VideoQACollator
+    from video2param.demo import demo_data
 
-    data_cfg = demo_data_config(args.frames, args.seed)
-    train_set, test_set = make_splits(data_cfg, 3000, 500)
-    tokenizer = moving_shapes_tokenizer(data_cfg)
-    encoder = demo_front_end(data_cfg.frame_size).vision_encoder(chunk_size=1024, progress=False)
-    train_feats = encode_dataset(train_set, encoder, progress=False)
-    test_feats = encode_dataset(test_set, encoder, progress=False)
-    standardize_items(FeatureStandardizer.fit([item.video for item in train_feats]), train_feats, test_feats)
-    items = test_feats[: args.videos]
+    data = demo_data(args.frames, args.seed)
+    tokenizer = data.tokenizer
+    items = data.test_feats[: args.videos]
     run = Path(args.run)
     if (run / "vipe" / "adapter").is_dir():
         print(vipe_report(_load(run, "vipe", tokenizer), torch.stack([item.video for item in items])))

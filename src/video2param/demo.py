@@ -193,6 +193,32 @@ def demo_front_end(image_size: int) -> ObjectGridFrontEnd:
     return ObjectGridFrontEnd(ObjectGridConfig(image_size=image_size))
 
 
+@dataclass
+class DemoData:
+    """The demo's data for one seed as `video2param demo` prepares it (front end, training-set standardisation)."""
+
+    config: MovingShapesConfig
+    tokenizer: Any
+    encoder: Any
+    train_set: list
+    test_set: list
+    train_feats: list = field(metadata={"help": "standardised features of the training questions"})
+    test_feats: list = field(metadata={"help": "standardised features of the held-out questions"})
+
+
+def demo_data(frames: int = 8, seed: int = 0, train_size: int = 3000, test_size: int = 500) -> DemoData:
+    """Splits, tokenizer and standardised object-grid features of the demo (no progress bars), for scripts that
+    train or inspect one method the way the demo does."""
+    data_cfg = demo_data_config(frames, seed)
+    train_set, test_set = make_splits(data_cfg, train_size, test_size)
+    encoder = demo_front_end(data_cfg.frame_size).vision_encoder(chunk_size=1024, progress=False)
+    train_feats = encode_dataset(train_set, encoder, progress=False)
+    test_feats = encode_dataset(test_set, encoder, progress=False)
+    standardize_items(FeatureStandardizer.fit([item.video for item in train_feats]), train_feats, test_feats)
+    return DemoData(data_cfg, moving_shapes_tokenizer(data_cfg), encoder, train_set, test_set, train_feats,
+                    test_feats)
+
+
 def methods_to_run(method: str) -> list[str]:
     """The baseline first, then ``method`` (or every registered method for ``all``)."""
     from .methods.base import available_methods

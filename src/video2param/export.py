@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from .methods.base import LLMInfo, TokenContext, WeightContext
 from .serialization import BaseModelFingerprint, save_file_pair
-from .targets import TargetSite
+from .targets import TargetSite, layer_of
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -160,55 +160,29 @@ def export_peft(vm: VideoModelLike, video: Any, directory: str | Path, *, frame_
     context = _one_video_context(vm, video, frame_mask)
     sites = vm.llm_info.sites
     loras = module_loras(context, sites)
+    layers = {s.layer for s in sites if s.name in loras}
     llm = getattr(vm, "llm", None)
     if llm is not None:
         # A LoRA trained on the LLM beside the video adapter is part of what answers: without it the PEFT model
         # would give other logits. It goes in along the rank axis.
         loras = _with_llm_lora(loras, llm)
-    layers = {s.layer for s in sites if s.name in loras}
-    site_names = {s.name for s in sites}
-    layers |= {int(m.group(1)) for name in loras if name not in site_names
-               for m in [re.search(r"\.(\d+)\.", name)] if m}  # LLM-LoRA modules outside the video's sites
+        layers |= {layer_of(llm, name) for name in loras} - {None}
     return write_peft_lora(loras, directory, method=vm.config.method, fingerprint=vm.fingerprint, layers=layers,
                            uniform_rank=uniform_rank, dtype=dtype, base_model_name_or_path=base_model_name_or_path)
 
 
 def _with_llm_lora(loras: dict[str, ModuleLoRA], llm: Any) -> dict[str, ModuleLoRA]:
-    """``loras`` with the LLM's own LoRA (``llm_lora``) appended along the rank axis, module by module (its
-    ``lora_alpha / r`` scaling folded into B). ValueError for what one plain LoRA cannot carry."""
-    from .llm_lora import _adapter_name, _lora_layers, _plain_name, _wrapper_names, llm_lora_config
+    """``loras`` with the LLM's own LoRA (``llm_lora``) appended along the rank axis, module by module."""
+    from .llm_lora import llm_lora_factors
 
-    config = llm_lora_config(llm)
-    if config is None:
-        return loras
-    blockers = [what for what, present in (
-        ("use_dora", getattr(config, "use_dora", False)),
-        ("modules_to_save", bool(getattr(config, "modules_to_save", None))),
-        (f"bias={config.bias!r}", getattr(config, "bias", "none") != "none"),
-        ("lora_bias", getattr(config, "lora_bias", False)),
-        ("trainable_token_indices", bool(getattr(config, "trainable_token_indices", None))),
-    ) if present]
-    if blockers:
-        raise ValueError(f"export: the LLM's LoRA uses {', '.join(blockers)}, which one plain LoRA cannot carry; "
-                         "merge it into the base model first (merge_and_unload) and export against that model")
-    name, wrappers = _adapter_name(llm), _wrapper_names(llm)
     out = dict(loras)
-    for module_name, layer in _lora_layers(llm):
-        if name not in getattr(layer, "lora_A", {}):
-            raise ValueError(f"export: {module_name}: the LLM's LoRA layer is not a Linear LoRA (an embedding or "
-                             "convolution LoRA cannot be exported with the video's)")
-        A = layer.lora_A[name].weight.detach().to("cpu", torch.float32)  # (r, d_in)
-        B = layer.lora_B[name].weight.detach().to("cpu", torch.float32) * float(layer.scaling[name])  # (d_out, r)
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"export: the LLM's LoRA on {module_name} contains NaN or inf")
-        plain = _plain_name(module_name, wrappers)
-        transposed = type(layer.get_base_layer()).__name__ == "Conv1D"
-        video = out.get(plain)
+    for name, (A, B, transposed) in llm_lora_factors(llm).items():
+        video = out.get(name)
         if video is None:
-            out[plain] = ModuleLoRA(name=plain, A=A, B=B, transposed=transposed, parts=("llm_lora",))
+            out[name] = ModuleLoRA(name=name, A=A, B=B, transposed=transposed, parts=("llm_lora",))
         else:
-            out[plain] = ModuleLoRA(name=plain, A=torch.cat([video.A, A]), B=torch.cat([video.B, B], dim=1),
-                                    transposed=video.transposed, parts=(*video.parts, "llm_lora"))
+            out[name] = ModuleLoRA(name=name, A=torch.cat([video.A, A]), B=torch.cat([video.B, B], dim=1),
+                                   transposed=video.transposed, parts=(*video.parts, "llm_lora"))
     return out
 
 

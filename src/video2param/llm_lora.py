@@ -35,6 +35,7 @@ __all__ = [
     "attach_llm_lora",
     "detach_llm_lora",
     "llm_lora_config",
+    "llm_lora_factors",
     "llm_lora_parameters",
     "llm_lora_state_dict",
     "load_llm_lora_state",
@@ -116,6 +117,42 @@ def _lora_layers(llm: nn.Module) -> list[tuple[str, nn.Module]]:
     except ImportError:  # pragma: no cover
         return []
     return [(name, module) for name, module in llm.named_modules() if isinstance(module, LoraLayer)]
+
+
+def llm_lora_factors(llm: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """The LLM's LoRA as plain factors: {module name without the video wrappers: (A (r, d_in), B (d_out, r) with the
+    LoRA's scaling folded in, transposed (a GPT-2 Conv1D))}, float32 on the CPU; empty without a LoRA.
+
+    Raises ValueError for what a plain LoRA of those factors cannot carry (DoRA, modules_to_save, trained biases,
+    lora_bias, trainable token indices, embedding or convolution LoRA layers) and for NaN/inf.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    config = llm_lora_config(llm)
+    if config is None:
+        return {}
+    blockers = [what for what, present in (
+        ("use_dora", getattr(config, "use_dora", False)),
+        ("modules_to_save", bool(getattr(config, "modules_to_save", None))),
+        (f"bias={config.bias!r}", getattr(config, "bias", "none") != "none"),
+        ("lora_bias", getattr(config, "lora_bias", False)),
+        ("trainable_token_indices", bool(getattr(config, "trainable_token_indices", None))),
+    ) if present]
+    if blockers:
+        raise ValueError(f"export: the LLM's LoRA uses {', '.join(blockers)}, which one plain LoRA cannot carry; "
+                         "merge it into the base model first (merge_and_unload) and export against that model")
+    name, wrappers = _adapter_name(llm), _wrapper_names(llm)
+    factors = {}
+    for module_name, layer in _lora_layers(llm):
+        if name not in getattr(layer, "lora_A", {}):
+            raise ValueError(f"export: {module_name}: the LLM's LoRA layer is not a Linear LoRA (an embedding or "
+                             "convolution LoRA cannot be exported with the video's)")
+        A = layer.lora_A[name].weight.detach().to("cpu", torch.float32)
+        B = layer.lora_B[name].weight.detach().to("cpu", torch.float32) * float(layer.scaling[name])
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"export: the LLM's LoRA on {module_name} contains NaN or inf")
+        factors[_plain_name(module_name, wrappers)] = (A, B, isinstance(layer.get_base_layer(), Conv1D))
+    return factors
 
 
 def llm_lora_parameters(llm: nn.Module) -> list[nn.Parameter]:

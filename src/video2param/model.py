@@ -70,7 +70,9 @@ class VideoModel(nn.Module):
             )
         self.llm = llm
         self.tokenizer = tokenizer
-        self.vision = _as_vision_encoder(vision, *get_method(config.method).requirements(config.options))
+        # What the method reads, given its options (e.g. PPLLaVA's uniform relevance reads no text tower).
+        self._needs, self._views = get_method(config.method).requirements(config.options)
+        self.vision = _as_vision_encoder(vision, self._needs, self._views)
         # Helper models stay frozen and outside the adapter's state dict (see adapter_state_dict).
         self.text_encoder = text_encoder
         if text_encoder is not None:
@@ -95,7 +97,6 @@ class VideoModel(nn.Module):
                                 model_type=getattr(llm.config, "model_type", ""))
         param = next(llm.parameters())
         self.method = method_cls(config, self.llm_info).to(device=param.device)
-        self._needs, self._views = method_cls.requirements(config.options)
         self.video_token = config.video_token
         self.video_token_id: int | None = (
             ensure_video_token(tokenizer, config.video_token) if tokenizer is not None else None

@@ -45,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "arch_spec",
     "decoder_layers",
+    "layer_of",
     "find_targets",
     "hidden_size",
     "injection_layers",
@@ -366,6 +367,13 @@ def _is_peft_model(model: nn.Module) -> bool:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers (e.g. ``model.model.layers``, ``model.transformer.h``)."""
     return _layers_with_path(model)[1]
+
+
+def layer_of(model: nn.Module, module_name: str) -> int | None:
+    """Index of the decoder layer holding ``module_name`` (qualified from ``model``); None for a module outside them."""
+    path, layers = _layers_with_path(model)
+    head = module_name[len(path) + 1:].split(".", 1)[0] if module_name.startswith(path + ".") else ""
+    return int(head) if head.isdigit() and int(head) < len(layers) else None
 
 
 def num_layers(model: nn.Module) -> int:

@@ -53,6 +53,8 @@ def question_prompt_ids(tokenizer: Any, question: str, video_token: str = VIDEO_
                                              tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(format_prompt(question, video_token))["input_ids"])
+
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 

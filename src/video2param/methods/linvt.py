@@ -87,8 +87,8 @@ class LinvtOptions:
     attention_mix_init: float = field(
         default=0.5,
         metadata={"help": "Initial α of every scale in W = Π + α (A − Π): 1 = the queries' attention alone (the "
-                          "paper's TTA), 0 = the ordered selection Π alone; 0 and 0.5 gave 71 and 65 on the demo's direction "
-                          "question (one seed, docs/results.md). init_projector_from sets 0.", "min": 0.0, "max": 1.0})
+                          "paper's TTA), 0 = the ordered selection Π alone; 0 and 0.5 gave 71 and 65 on the demo's "
+                          "direction question (one seed, docs/results.md). init_projector_from sets 0.", "min": 0.0, "max": 1.0})
     spatial_pool: int = field(default=1, metadata={"help": "Frame projector: average-pool the square patch grid "
                                                            "by this stride (as llava's option).", "min": 1,
                                                    "max": 1024})
@@ -281,7 +281,7 @@ class ScaleAggregator(nn.Module):
     """TTA of one scale: its own queries and blocks, and the final aggregation over that scale's tokens."""
 
     def __init__(self, slots: int, dim: int, text_dim: int, heads: int, layers: int, ffn_mult: int,
-                 dropout: float, query_init_std: float = 0.02) -> None:
+                 dropout: float, query_init_std: float) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(slots, dim) * query_init_std)
         self.blocks = nn.ModuleList(
