@@ -230,6 +230,29 @@ def test_fresh_queries_attend_differently():
     assert spread > 5 * _attention_row_spread(build(wake=False, query_init_std=0.02))
 
 
+def _force_shared_block_updates(vm: VideoModel) -> VideoModel:
+    """Make every TTA block add one large update shared by all queries (uniform attention, a constant FFN output):
+    the regime in which the queries of a trained model merged into one vector (docs/results.md)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for aggregator in vm.method.aggregators:
+            for block in aggregator.blocks:
+                for attention in (block.self_attn, block.visual_attn, block.text_attn):
+                    attention.q.weight.zero_()
+                    attention.q.bias.zero_()
+                last = block.ffn[-1]
+                last.weight.zero_()
+                last.bias.copy_(50 * torch.randn(last.bias.shape, generator=g))
+    return vm
+
+
+def test_queries_re_added_in_every_block_survive_shared_updates():
+    merged = _attention_row_spread(_force_shared_block_updates(build(wake=False)))
+    kept = _attention_row_spread(_force_shared_block_updates(build(wake=False, query_every_block=True)))
+    assert merged < 0.05
+    assert kept > 10 * merged
+
+
 # ---- shapes, masks, batches --------------------------------------------------------------------------------------
 def test_same_number_of_tokens_for_1_8_and_32_frames():
     vm = build(frames=32, top_k=48)

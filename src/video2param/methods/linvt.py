@@ -81,6 +81,11 @@ class LinvtOptions:
                           "updates swamp them: every query leaves the blocks as the same vector (cosine 0.98 at "
                           "birth, 0.99999 after training) and all output tokens share one attention row; 1 keeps "
                           "them apart (docs/results.md).", "min": 0.0, "max": 100.0})
+    query_every_block: bool = field(
+        default=False,
+        metadata={"help": "Add each query's learned embedding again to the input of every TTA attention and of the "
+                          "final aggregation (as DETR's decoder re-adds its query positions): the blocks' updates, "
+                          "shared by all queries, cannot then merge them into one vector during training."})
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim.", "min": 1, "max": 64})
     dropout: float = field(default=0.0, metadata={"help": "Attention dropout in the scorer and TTA.", "min": 0.0,
                                                   "lt": 1.0})
@@ -252,11 +257,14 @@ class TextConditionedQueryBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
 
     def forward(self, queries: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
-        h = self.norm_self(queries)
+                text_mask: torch.Tensor, has_text: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """``identity``: (slots, dim) added to every attention's query side (and the self-attention's keys)."""
+        tag = (lambda h: h) if identity is None else (lambda h: h + identity.to(h.dtype))
+        h = tag(self.norm_self(queries))
         queries = queries + self.self_attn(h, h)
-        queries = queries + self.visual_attn(self.norm_visual_query(queries), self.norm_visual(visual), visual_mask)
-        read = self.text_attn(self.norm_text_query(queries), text, text_mask)
+        queries = queries + self.visual_attn(tag(self.norm_visual_query(queries)), self.norm_visual(visual),
+                                             visual_mask)
+        read = self.text_attn(tag(self.norm_text_query(queries)), text, text_mask)
         queries = queries + read * has_text[:, None, None].to(read.dtype)
         return queries + self.ffn(self.norm_ffn(queries))
 
@@ -281,9 +289,10 @@ class ScaleAggregator(nn.Module):
     """TTA of one scale: its own queries and blocks, and the final aggregation over that scale's tokens."""
 
     def __init__(self, slots: int, dim: int, text_dim: int, heads: int, layers: int, ffn_mult: int,
-                 dropout: float, query_init_std: float) -> None:
+                 dropout: float, query_init_std: float, query_every_block: bool = False) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(slots, dim) * query_init_std)
+        self.query_every_block = query_every_block
         self.blocks = nn.ModuleList(
             TextConditionedQueryBlock(dim, text_dim, heads, ffn_mult, dropout) for _ in range(layers)
         )
@@ -297,10 +306,12 @@ class ScaleAggregator(nn.Module):
                 has_text: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """Aggregation weights W (B, slots, M) over the scale's tokens; rows sum to one."""
         q = self.queries[None].expand(visual.shape[0], -1, -1).to(visual.dtype)
+        identity = self.queries if self.query_every_block else None
         for block in self.blocks:
-            q = block(q, visual, scale.mask, text, text_mask, has_text)
+            q = block(q, visual, scale.mask, text, text_mask, has_text, identity)
         keys = self.to_key(self.norm_keys(visual))
-        logits = self.to_query(self.norm_out(q)) @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
+        final = self.norm_out(q) if identity is None else self.norm_out(q) + identity.to(q.dtype)
+        logits = self.to_query(final) @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
         logits = (logits + scale.score[:, None, :].to(logits.dtype)).masked_fill(~scale.mask[:, None, :],
                                                                                   float("-inf"))
         attention = torch.softmax(logits, dim=-1)
@@ -360,7 +371,8 @@ class LinvtMethod(VideoMethod):
         self.token_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h))
         self.text_norm = nn.LayerNorm(d)
         self.aggregators = nn.ModuleList(
-            ScaleAggregator(n, h, d, opt.num_heads, opt.tta_layers, opt.ffn_mult, opt.dropout, opt.query_init_std)
+            ScaleAggregator(n, h, d, opt.num_heads, opt.tta_layers, opt.ffn_mult, opt.dropout, opt.query_init_std,
+                            opt.query_every_block)
             for n in opt.scale_queries
         )
         # θ per scale; the aggregation uses α = clamp(θ, 0, 1) (see ``mix``).
