@@ -37,6 +37,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-run", default=None,
                         help="a `video2param demo --method all` output directory whose llava is the teacher")
+    parser.add_argument("--kl-weight", type=float, default=None,
+                        help="a method with a teacher: train with video2param.distill instead, this weight on "
+                             "KL(teacher || student) at the answer positions (the demo's schedule otherwise)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="temperature of the KL term")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="append the result as one JSON line to this file")
     args = parser.parse_args()
@@ -54,6 +58,8 @@ def main() -> None:
         parser.error(f"{args.method} reads a text tower: use benchmarks/ppllava_movingshapes.py, which aligns one")
     if needs_teacher and args.teacher_run is None:
         parser.error(f"{args.method} learns from a teacher: pass --teacher-run (a demo output directory)")
+    if args.kl_weight is not None and not needs_teacher:
+        parser.error(f"--kl-weight: {args.method} has no teacher to distil")
     adapter = json.loads(args.adapter) if args.adapter is not None else method_options(args.method, args.frames)
     adapter.setdefault("num_frames", args.frames)
     lr = args.lr if args.lr is not None else method_settings(args.method).lr
@@ -77,11 +83,21 @@ def main() -> None:
     vm = wrap_model(llm, config, tokenizer=tokenizer, stage=stage, teacher=teacher)
     collate = VideoQACollator(tokenizer, vm.video_token, train=True)
     start = time.perf_counter()
-    result = train(vm, train_feats, collate,
-                   TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
-                               log_every=max(args.steps // 4, 1), progress=False), log=print)
+    recipe = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
+                         log_every=max(args.steps // 4, 1), progress=False)
+    if args.kl_weight is None:
+        result = train(vm, train_feats, collate, recipe, log=print)
+    else:
+        from video2param.distill import DistillConfig, distill
+
+        # The demo's schedule (no weight decay, its warm-up steps), plus the KL term.
+        result = distill(vm, train_feats, collate, DistillConfig(
+            steps=recipe.steps, batch_size=recipe.batch_size, lr=lr, weight_decay=recipe.weight_decay,
+            warmup_ratio=recipe.warmup / recipe.steps, grad_clip=recipe.grad_clip, kl_weight=args.kl_weight,
+            temperature=args.temperature, seed=args.seed, log_every=recipe.log_every, progress=False), log=print)
     accuracy = evaluate(vm, test_feats, batch_size=100)
     row = {"method": args.method, "seed": args.seed, "lr": lr, "steps": args.steps, "adapter": adapter,
+           "kl_weight": args.kl_weight, "temperature": args.temperature if args.kl_weight is not None else None,
            "accuracy": {k: round(100 * v, 1) for k, v in accuracy.items()}, "final_loss": result.final_loss(),
            "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(row))

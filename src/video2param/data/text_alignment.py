@@ -9,8 +9,8 @@ pretrained text tower matches it. This module builds one and aligns it on the Mo
   :meth:`~video2param.video.dual_encoder.DualEncoder.derive_views` makes the projected view at run time (the
   tiny CLIP vision transformer is never run: the features come from the front end);
 * contrastive over tokens: for each (video, question) pair, S = softmax over the video's T·P tokens of
-  scale · cos(text, patch) should put its mass on the tokens of the object the question names (every object for
-  questions that name none): loss = −log Σ_targets S. The named object is read off the question and the answer
+  scale · cos(text, patch) should spread its mass evenly over the tokens of the object the question names (every
+  object for questions that name none): loss = −mean over the targets of log S. The named object is read off the question and the answer
   (a colour names it; the objects of one video have distinct colours) and found in the front end's raw features by
   its colour (channel 0 = presence, 1:4 = mean RGB).
 
@@ -51,6 +51,12 @@ class AlignerSettings:
     batch: int = dataclasses.field(default=64, metadata={"help": "(video, question) pairs per step."})
     lr: float = dataclasses.field(default=3e-3, metadata={"help": "Learning rate."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the initialisation and the batches."})
+    even_targets: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "Loss −mean log S over the target tokens: every token of the named object(s) equally "
+                          "relevant, as a similarity-based tower scores equally matching patches alike. False: "
+                          "−log Σ S over them, which leaves S free to sit on a few of them (a count question's S "
+                          "could then skip whole objects)."})
 
     def key(self, **data: Any) -> str:
         """Cache key: these settings and what the data depends on."""
@@ -124,7 +130,11 @@ def align_text_tower(model, tokenizer: Any, items: Sequence, raw_items: Sequence
         text = dual.encode_text([texts[i] for i in idx])
         patches = F.normalize(dual.project_patches(feats).float(), dim=-1).flatten(1, 2)
         logits = log_scale.exp().clamp(max=100) * torch.einsum("be,bne->bn", text, patches)
-        loss = -logits.log_softmax(-1).masked_fill(~mask, float("-inf")).logsumexp(-1).mean()
+        log_s = logits.log_softmax(-1)
+        if settings.even_targets:  # cross-entropy against the uniform distribution over the targets
+            loss = -((log_s * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        else:
+            loss = -log_s.masked_fill(~mask, float("-inf")).logsumexp(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -138,9 +148,10 @@ def align_text_tower(model, tokenizer: Any, items: Sequence, raw_items: Sequence
 @torch.no_grad()
 def relevance_quality(dual, tokenizer: Any, items: Sequence, raw_items: Sequence,
                       colors: Sequence[str]) -> dict[str, float]:
-    """On ``items``: mean S mass on the named object's tokens, how often argmax S lands on them, and the mass a
-    uniform S would give them."""
-    mass, top, uniform = [], [], []
+    """On ``items``: mean S mass on the named object's tokens, how often argmax S lands on them, the mass a
+    uniform S would give them, and how evenly S spreads over them (``target_spread``: the perplexity of S within
+    the targets over their number; 1 = all alike, 1/n = one token holds it all)."""
+    mass, top, uniform, spread = [], [], [], []
     for start in range(0, len(items), 100):
         chunk = items[start : start + 100]
         text = dual.encode_text([question_text(tokenizer, it.question) for it in chunk])
@@ -151,8 +162,12 @@ def relevance_quality(dual, tokenizer: Any, items: Sequence, raw_items: Sequence
             mass.append(float(s[k][target].sum()))
             top.append(float(target[s[k].argmax()]))
             uniform.append(float(target.float().mean()))
+            within = s[k][target] / s[k][target].sum().clamp(min=1e-30)
+            entropy = -(within * within.clamp(min=1e-30).log()).sum()
+            spread.append(float(entropy.exp()) / max(int(target.sum()), 1))
     n = len(mass)
-    return {"target_mass": sum(mass) / n, "argmax_on_target": sum(top) / n, "uniform_target_mass": sum(uniform) / n}
+    return {"target_mass": sum(mass) / n, "argmax_on_target": sum(top) / n, "uniform_target_mass": sum(uniform) / n,
+            "target_spread": sum(spread) / n}
 
 
 def load_or_align(directory: str | Path, tokenizer: Any, train: tuple[Sequence, Sequence],
