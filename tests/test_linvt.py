@@ -3,6 +3,8 @@ starting from a saved llava adapter, a frozen projector, and option errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from conftest import DV, WORDS, random_features
 from tiny_models import make_tiny_lm
 from video2param import VideoAdapterConfig, VideoModel, wrap_model
 from video2param.data.tokenizer import build_word_tokenizer
-from video2param.methods.linvt import LinvtMethod, pool_in_time, select_top_k
+from video2param.methods.linvt import LinvtMethod, LinvtOptions, pool_in_time, select_top_k
 
 SMALL = {"hidden_dim": 16, "num_heads": 2, "scorer_layers": 2, "top_k": 10, "scale_queries": [4, 2],
          "scale_windows": [1, 2]}
@@ -225,9 +227,9 @@ def _attention_row_spread(vm: VideoModel) -> float:
 def test_fresh_queries_attend_differently():
     # Queries drawn at std 0.02 leave the TTA blocks as copies of one vector (the residual updates swamp them), so
     # every output token gets the same attention row; trained that way they stayed identical (docs/results.md).
-    spread = _attention_row_spread(build(wake=False))
+    spread = _attention_row_spread(build(wake=False, query_every_block=False))
     assert spread > 0.05
-    assert spread > 5 * _attention_row_spread(build(wake=False, query_init_std=0.02))
+    assert spread > 5 * _attention_row_spread(build(wake=False, query_every_block=False, query_init_std=0.02))
 
 
 def _force_shared_block_updates(vm: VideoModel) -> VideoModel:
@@ -247,8 +249,8 @@ def _force_shared_block_updates(vm: VideoModel) -> VideoModel:
 
 
 def test_queries_re_added_in_every_block_survive_shared_updates():
-    merged = _attention_row_spread(_force_shared_block_updates(build(wake=False)))
-    kept = _attention_row_spread(_force_shared_block_updates(build(wake=False, query_every_block=True)))
+    merged = _attention_row_spread(_force_shared_block_updates(build(wake=False, query_every_block=False)))
+    kept = _attention_row_spread(_force_shared_block_updates(build(wake=False)))
     assert merged < 0.05
     assert kept > 10 * merged
 
@@ -405,3 +407,17 @@ def test_bad_options_are_refused_by_name(options, message):
 def test_registered_with_question_embeddings_only():
     assert LinvtMethod.needs == frozenset({"prompt", "prompt_embeds"})
     assert LinvtMethod.kind == "tokens"
+
+
+def test_adapter_saved_before_query_every_block_loads_with_it_off(tmp_path):
+    vm = build(query_every_block=False)
+    path = vm.save_pretrained(tmp_path / "old")
+    config_file = path / "adapter_config.json"
+    payload = json.loads(config_file.read_text())
+    del payload["adapter"]["options"]["query_every_block"]  # as written before the option existed
+    config_file.write_text(json.dumps(payload))
+    loaded = VideoModel.from_pretrained(vm.llm, path, tokenizer=vm.tokenizer)
+    assert loaded.config.options["query_every_block"] is False
+    feats = random_features(2, frames=4)
+    torch.testing.assert_close(tokenize(loaded, feats).tokens, tokenize(vm, feats).tokens, rtol=0, atol=0)
+    assert LinvtOptions().query_every_block is True  # new adapters get it

@@ -492,3 +492,22 @@ def test_method_refuses_to_encode_without_the_model():
     with pytest.raises(ValueError, match="through VideoModel"):
         vm.method.encode(random_features(1))
     assert isinstance(vm.method, Video2LoRAMethod)
+
+
+def test_adapter_saved_before_context_positions_loads_with_them_off(tmp_path):
+    vm, teacher, tok = build(context_positions=False)
+    wake(vm)
+    feats = random_features(2)
+    ids, mask = prompts(tok, n=2)
+    with torch.no_grad():
+        expected = vm(input_ids=ids, attention_mask=mask, videos=feats).logits
+    path = vm.save_pretrained(tmp_path / "old")
+    payload = json.loads((path / "adapter_config.json").read_text())
+    del payload["adapter"]["options"]["context_positions"]  # as written before the option existed
+    (path / "adapter_config.json").write_text(json.dumps(payload))
+    teacher.save_pretrained(tmp_path / "teacher")
+    fresh = make_tiny_lm("llama", vocab_size=len(tok) + 8)  # the same weights as the LM under vm
+    loaded = VideoModel.from_pretrained(fresh, path, tokenizer=tok, teacher=tmp_path / "teacher")
+    assert loaded.config.options["context_positions"] is False and loaded.method.position_proj is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask, videos=feats).logits, expected)

@@ -409,7 +409,7 @@ def read_adapter(directory: str | Path) -> LoadedAdapter:
             f"saved with (sha256 {str(recorded)[:12]}…): the two files come from different saves. Save the adapter "
             f"again, or remove \"{WEIGHTS_DIGEST_KEY}\" from {CONFIG_NAME} to pair them anyway"
         )
-    config = VideoAdapterConfig.from_dict(payload["adapter"])
+    config = VideoAdapterConfig.from_dict(_with_saved_options(payload["adapter"]))
     fingerprint = BaseModelFingerprint.from_dict(payload["base_model"])
     try:
         state = load_safetensors_bytes(weights_bytes)
@@ -417,6 +417,20 @@ def read_adapter(directory: str | Path) -> LoadedAdapter:
         raise ValueError(f"adapter {directory}: {WEIGHTS_NAME} is not a readable safetensors file ({err})") from err
     check_finite(state, f"adapter {directory}")
     return LoadedAdapter(config, fingerprint, state, payload)
+
+
+def _with_saved_options(adapter: Any) -> Any:
+    """The saved adapter config with the options it predates set to their old behaviour
+    (``VideoMethod.complete_saved_options``); anything malformed is left for ``from_dict`` to reject."""
+    from .methods.base import get_method
+
+    if not isinstance(adapter, dict) or not isinstance(adapter.get("options"), dict):
+        return adapter
+    try:
+        method = get_method(adapter.get("method"))
+    except (ValueError, TypeError):
+        return adapter
+    return {**adapter, "options": method.complete_saved_options(adapter["options"])}
 
 
 def _parse_payload(text: str, directory: Path) -> dict[str, Any]:

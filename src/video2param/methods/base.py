@@ -314,6 +314,20 @@ class VideoMethod(nn.Module):
         return parsed
 
     @classmethod
+    def complete_saved_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """A saved adapter's options, each option it predates set to how such adapters behaved.
+
+        An option added later with a default that changes behaviour records the old behaviour in its field metadata
+        (``"saved_before"``); an adapter whose options lack it gets that value, not today's default, so it computes
+        what it computed when it was saved.
+        """
+        filled = dict(options)
+        for f in dataclasses.fields(cls.Options):
+            if f.name not in filled and "saved_before" in f.metadata:
+                filled[f.name] = f.metadata["saved_before"]
+        return filled
+
+    @classmethod
     def complete_config(cls, config: "VideoAdapterConfig", *, vision: Any = None,
                         text_encoder: Any = None) -> "VideoAdapterConfig":
         """The config with options filled in from the helper models ``VideoModel`` was given (e.g. a text tower's

@@ -87,7 +87,8 @@ class Video2LoRAOptions:
         metadata={"help": "Add a learned code of each read-out position (a zero-initialised projection of a fixed "
                           "sinusoid) to the hypernetwork's input. The Perceiver's cross-attention reads a set, and a "
                           "RoPE LLM's residual stream holds no absolute position, so without it frame order reaches "
-                          "the LoRA only through the LLM's causal mixing. Off in the public code."},
+                          "the LoRA only through the LLM's causal mixing. Off in the public code, and in adapters "
+                          "saved before this option existed.", "saved_before": False},
     )
     bias_lora: bool = field(
         default=True,
