@@ -38,18 +38,17 @@ def main() -> None:
     parser.add_argument("--teacher-run", default=None,
                         help="a `video2param demo --method all` output directory whose llava is the teacher")
     parser.add_argument("--kl-weight", type=float, default=None,
-                        help="a method with a teacher: train with video2param.distill instead, this weight on "
-                             "KL(teacher || student) at the answer positions (the demo's schedule otherwise)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="temperature of the KL term")
+                        help="a method with a teacher: distil with this weight on KL(teacher || student) at the "
+                             "answer positions, 0 = the answers alone (default: the demo's setting)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="append the result as one JSON line to this file")
     args = parser.parse_args()
 
     from video2param import VideoAdapterConfig, wrap_model
     from video2param.data import VideoQACollator, evaluate
-    from video2param.demo import build_small_llm, demo_data, method_options, method_settings
+    from video2param.demo import build_small_llm, demo_data, fit, method_options, method_settings
     from video2param.methods.base import get_method
-    from video2param.train import TrainConfig, train
+    from video2param.train import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,19 +84,11 @@ def main() -> None:
     start = time.perf_counter()
     recipe = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                          log_every=max(args.steps // 4, 1), progress=False)
-    if args.kl_weight is None:
-        result = train(vm, train_feats, collate, recipe, log=print)
-    else:
-        from video2param.distill import DistillConfig, distill
-
-        # The demo's schedule (no weight decay, its warm-up steps), plus the KL term.
-        result = distill(vm, train_feats, collate, DistillConfig(
-            steps=recipe.steps, batch_size=recipe.batch_size, lr=lr, weight_decay=recipe.weight_decay,
-            warmup_ratio=recipe.warmup / recipe.steps, grad_clip=recipe.grad_clip, kl_weight=args.kl_weight,
-            temperature=args.temperature, seed=args.seed, log_every=recipe.log_every, progress=False), log=print)
+    kl_weight = args.kl_weight if args.kl_weight is not None else method_settings(args.method).kl_weight
+    result = fit(vm, train_feats, collate, recipe, kl_weight if kl_weight else None, log=print)
     accuracy = evaluate(vm, test_feats, batch_size=100)
     row = {"method": args.method, "seed": args.seed, "lr": lr, "steps": args.steps, "adapter": adapter,
-           "kl_weight": args.kl_weight, "temperature": args.temperature if args.kl_weight is not None else None,
+           "kl_weight": kl_weight,
            "accuracy": {k: round(100 * v, 1) for k, v in accuracy.items()}, "final_loss": result.final_loss(),
            "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(row))

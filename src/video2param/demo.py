@@ -94,6 +94,11 @@ class MethodSettings:
     lr: float = field(metadata={"help": "Peak learning rate (AdamW, warm-up then cosine)."})
     adapter: dict[str, Any] = field(default_factory=dict,
                                     metadata={"help": "VideoAdapterConfig fields (options included)."})
+    kl_weight: float | None = field(
+        default=None,
+        metadata={"help": "A method with a teacher: distil (video2param.distill) with this weight on KL(teacher ‖ "
+                          "student) at the answer positions, besides the answers' cross-entropy; None: train on the "
+                          "answers alone."})
     why: str = field(default="", metadata={"help": "Where the numbers come from."})
 
 
@@ -362,10 +367,9 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
     vm = wrap_model(llm if llm is not None else make_llm(), config, tokenizer=tokenizer, stage=stage,
                     teacher=teacher, text_encoder=text_encoder)
     collate = VideoQACollator(tokenizer, vm.video_token, train=True)
-    result = train(vm, train_feats, collate,
-                   TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed,
-                               log_every=max(cfg.steps // 4, 1), progress=cfg.progress, description=f"training {name}"),
-                   log=log)
+    recipe = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed,
+                         log_every=max(cfg.steps // 4, 1), progress=cfg.progress, description=f"training {name}")
+    result = fit(vm, train_feats, collate, recipe, settings.kl_weight, log)
     acc = evaluate(vm, test_feats, batch_size=100, progress=cfg.progress)
     cost = _costs(vm, tokenizer, test_feats)
     method_dir = out_dir / name
@@ -379,6 +383,21 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
            "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens, "llm_flops": cost.llm_flops,
            "ttft_s": cost.ttft_s}
     return row, cost
+
+
+def fit(vm: VideoModel, dataset, collate, recipe: TrainConfig, kl_weight: float | None = None,
+        log: Callable[[str], None] = print):
+    """Train ``vm`` as the demo does: ``train`` on the answers, or with ``kl_weight`` (a method with a teacher)
+    ``distill`` on the same schedule (no weight decay, the same warm-up) plus that weight on the KL term."""
+    if kl_weight is None:
+        return train(vm, dataset, collate, recipe, log=log)
+    from .distill import DistillConfig, distill
+
+    return distill(vm, dataset, collate, DistillConfig(
+        steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
+        warmup_ratio=min(1.0, recipe.warmup / recipe.steps), grad_clip=recipe.grad_clip, kl_weight=kl_weight,
+        seed=recipe.seed, log_every=recipe.log_every, progress=recipe.progress, description=recipe.description),
+        log=log)
 
 
 def _costs(vm: VideoModel, tokenizer, items) -> CostReport:
