@@ -4,13 +4,14 @@ Same data, LM, front end, standardisation, training loop and scoring as ``video2
 small dual encoder aligned to the demo's vision front end (``video2param.data.text_alignment``), because PPLLaVA's
 relevance map is only as good as that alignment (a random text tower gives a random S):
 
-Its text tower and patch projection are trained contrastively on the training split only, so that S puts its
-mass on the tokens of the object the question names; the model is cached under ``--output/aligner`` and reused.
+Its text tower and patch projection are trained contrastively on the training split only, so that S spreads its
+mass evenly over the tokens of the object the question names; the model is cached under ``--output/aligner`` and reused.
 Variants: llava; ppllava with ``pool_mode`` sum and window_softmax; ``relevance="uniform"`` (unguided pooling with
 the same windows, the ablation); ppllava with a random (unaligned) text tower.
 
-Then every variant trains from the same LM initialisation for the same steps, and the table reports accuracy per
-question type, visual tokens, LLM FLOPs and TTFT as ratios to llava.
+Then every variant trains from the same LM initialisation for the same steps, each at its method's learning rate in
+the demo unless ``--lr`` is given, and the table reports accuracy per question type, visual tokens, LLM FLOPs and
+TTFT as ratios to llava.
 
 Usage::
 
@@ -84,7 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-size", type=int, nargs=3, default=[4, 1, 1],
                         help="PPLLaVA's pooled (T', H', W') (default 4 1 1: 32x fewer tokens than llava at 8 frames)")
-    parser.add_argument("--lr", type=float, default=None, help="peak lr of every variant (default: llava's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak lr of every variant (default: each method's in the demo)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -123,7 +125,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name in args.variants:
         spec = VARIANTS[name]
-        lr = args.lr if args.lr is not None else method_settings("llava").lr
+        lr = args.lr if args.lr is not None else method_settings(spec["method"]).lr
         options = dict(spec["options"])
         helpers: dict[str, Any] = {}
         if spec["method"] == "ppllava":
