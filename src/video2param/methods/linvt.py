@@ -18,9 +18,10 @@ vision-language alignment (the frame projector) keeps working for video. The pip
    pooled tokens form their own sequence, in temporal order.
 5. **TTA.** Per scale, ``scale_queries[s]`` learnable queries go through ``tta_layers`` blocks of self-attention,
    cross-attention to that scale's tokens, cross-attention to the question's LLM token embeddings (question
-   only) and an FFN. The final aggregation forms weights over the scale's tokens and applies them to the tokens
-   themselves: no value or output projection, every row of weights sums to one. The weights are
-   ``W = Π + α_s (A − Π)``: A = softmax over tokens of ⟨query, key⟩/√d + score (the paper's query attention),
+   only) and an FFN; each query's learned embedding is added again on the query side of every attention and of
+   the final aggregation (``query_every_block``), so updates shared by all queries cannot merge them. The final
+   aggregation forms weights over the scale's tokens and applies them to the tokens themselves: no value or
+   output projection, every row of weights sums to one. The weights are ``W = Π + α_s (A − Π)``: A = softmax over tokens of ⟨query, key⟩/√d + score (the paper's query attention),
    Π = the *ordered selection*, which splits the scale's M tokens into ``n_s`` contiguous windows in temporal
    order (one token per window when M ≤ n_s) and averages each window with weights softmax(score).
    α_s = clamp(θ_s, 0, 1) for a learned scalar θ_s per scale started at ``attention_mix_init`` (1 = the paper's
@@ -261,14 +262,18 @@ class TextConditionedQueryBlock(nn.Module):
     def forward(self, queries: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor, has_text: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         """``identity``: (slots, dim) added to every attention's query side (and the self-attention's keys)."""
-        tag = (lambda h: h) if identity is None else (lambda h: h + identity.to(h.dtype))
-        h = tag(self.norm_self(queries))
+        h = _with_identity(self.norm_self(queries), identity)
         queries = queries + self.self_attn(h, h)
-        queries = queries + self.visual_attn(tag(self.norm_visual_query(queries)), self.norm_visual(visual),
-                                             visual_mask)
-        read = self.text_attn(tag(self.norm_text_query(queries)), text, text_mask)
+        queries = queries + self.visual_attn(_with_identity(self.norm_visual_query(queries), identity),
+                                             self.norm_visual(visual), visual_mask)
+        read = self.text_attn(_with_identity(self.norm_text_query(queries), identity), text, text_mask)
         queries = queries + read * has_text[:, None, None].to(read.dtype)
         return queries + self.ffn(self.norm_ffn(queries))
+
+
+def _with_identity(h: torch.Tensor, identity: torch.Tensor | None) -> torch.Tensor:
+    """``h`` (B, slots, dim) plus each query's own learned embedding (slots, dim), when given."""
+    return h if identity is None else h + identity.to(h.dtype)
 
 
 def ordered_selection(mask: torch.Tensor, score: torch.Tensor, slots: int) -> torch.Tensor:
@@ -312,8 +317,8 @@ class ScaleAggregator(nn.Module):
         for block in self.blocks:
             q = block(q, visual, scale.mask, text, text_mask, has_text, identity)
         keys = self.to_key(self.norm_keys(visual))
-        final = self.norm_out(q) if identity is None else self.norm_out(q) + identity.to(q.dtype)
-        logits = self.to_query(final) @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
+        query = self.to_query(_with_identity(self.norm_out(q), identity))
+        logits = query @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
         logits = (logits + scale.score[:, None, :].to(logits.dtype)).masked_fill(~scale.mask[:, None, :],
                                                                                   float("-inf"))
         attention = torch.softmax(logits, dim=-1)
