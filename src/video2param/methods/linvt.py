@@ -22,8 +22,9 @@ vision-language alignment (the frame projector) keeps working for video. The pip
    the final aggregation (``query_every_block``), so updates shared by all queries cannot merge them. The final
    aggregation forms weights over the scale's tokens and applies them to the tokens themselves: no value or
    output projection, every row of weights sums to one. The weights are ``W = Π + α_s (A − Π)``: A = softmax
-   over tokens of ⟨query, key⟩/√d + score (the paper's query attention), Π = the *ordered selection*, which splits the scale's M tokens into ``n_s`` contiguous windows in temporal
-   order (one token per window when M ≤ n_s) and averages each window with weights softmax(score).
+   over tokens of ⟨query, key⟩/√d + score (the paper's query attention), Π = the *ordered selection*, which
+   splits the scale's M tokens into ``n_s`` contiguous windows in temporal order (one token per window when
+   M ≤ n_s) and averages each window with weights softmax(score).
    α_s = clamp(θ_s, 0, 1) for a learned scalar θ_s per scale started at ``attention_mix_init`` (1 = the paper's
    TTA alone; default 0.5, measured), so the weights are always non-negative: every output token is a convex
    combination of frame tokens.
