@@ -85,7 +85,7 @@ def main() -> None:
     recipe = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                          log_every=max(args.steps // 4, 1), progress=False)
     kl_weight = args.kl_weight if args.kl_weight is not None else method_settings(args.method).kl_weight
-    result = fit(vm, train_feats, collate, recipe, kl_weight if kl_weight else None, log=print)
+    result = fit(vm, train_feats, collate, recipe, kl_weight, log=print)
     accuracy = evaluate(vm, test_feats, batch_size=100)
     row = {"method": args.method, "seed": args.seed, "lr": lr, "steps": args.steps, "adapter": adapter,
            "kl_weight": kl_weight,

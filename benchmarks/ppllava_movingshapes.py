@@ -32,9 +32,8 @@ import torch
 from video2param import VideoAdapterConfig, wrap_model
 from video2param.bench import measure_costs
 from video2param.data import VideoQACollator, chance_accuracy, evaluate, make_splits, moving_shapes_tokenizer
-from video2param.data.features import FeatureStandardizer, encode_dataset, standardize_items
 from video2param.data.text_alignment import AlignerSettings, build_aligner, load_or_align
-from video2param.demo import build_small_llm, demo_data_config, demo_front_end, method_settings
+from video2param.demo import build_small_llm, demo_data, demo_data_config, method_settings
 from video2param.train import TrainConfig, train
 from video2param.video.dual_encoder import DualEncoder
 
@@ -102,15 +101,9 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data_cfg = demo_data_config(args.frames, args.seed)
-    train_set, test_set = make_splits(data_cfg, args.train_size, args.test_size)
-    tokenizer = moving_shapes_tokenizer(data_cfg)
-    front_end = demo_front_end(data_cfg.frame_size)
-    encoder = front_end.vision_encoder(chunk_size=1024, progress=False)
-    train_raw = encode_dataset(train_set, encoder, progress=False)
-    test_raw = encode_dataset(test_set, encoder, progress=False)
-    train_feats, test_feats = list(train_raw), list(test_raw)
-    standardize_items(FeatureStandardizer.fit([it.video for it in train_feats]), train_feats, test_feats)
+    data = demo_data(args.frames, args.seed, args.train_size, args.test_size)
+    data_cfg, tokenizer, encoder = data.config, data.tokenizer, data.encoder
+    train_feats, test_feats, train_raw, test_raw = data.train_feats, data.test_feats, data.train_raw, data.test_raw
     width = encoder.hidden_size
     print(f"MovingShapes: {len(train_feats)} train / {len(test_feats)} test, features {tuple(train_feats[0].video.shape)}")
 

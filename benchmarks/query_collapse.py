@@ -60,9 +60,7 @@ def linvt_report(vm, items, collate) -> str:
             spread = (attention - attention.mean(1, keepdim=True)).abs().sum(-1).mean().item()
             pooled = scale.gather(out.frame_tokens)
             visual = vm.method.token_proj(pooled) + sinusoid(scale.time, vm.method.options.hidden_dim).to(pooled.dtype)
-            q = aggregator.queries[None].expand(len(items), -1, -1)
-            for block in aggregator.blocks:
-                q = block(q, visual, scale.mask, text, text_mask, has_text)
+            q = aggregator.transformed_queries(visual, scale, text, text_mask, has_text)
             cosine = F.cosine_similarity(q, q.mean(1, keepdim=True), dim=-1).mean().item()
             lines.append(f"linvt scale {s}: alpha {alpha.item():.2f}; attention-row distance from the mean row "
                          f"{spread:.4f}; query cosine to the mean query {cosine:.4f}")

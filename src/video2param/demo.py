@@ -210,19 +210,22 @@ class DemoData:
     test_set: list
     train_feats: list = field(metadata={"help": "standardised features of the training questions"})
     test_feats: list = field(metadata={"help": "standardised features of the held-out questions"})
+    train_raw: list = field(metadata={"help": "the same training items before standardisation (aligner targets)"})
+    test_raw: list = field(metadata={"help": "the same held-out items before standardisation"})
 
 
 def demo_data(frames: int = 8, seed: int = 0, train_size: int = 3000, test_size: int = 500) -> DemoData:
-    """Splits, tokenizer and standardised object-grid features of the demo (no progress bars), for scripts that
-    train or inspect one method the way the demo does."""
+    """Splits, tokenizer and object-grid features of the demo, raw and standardised (no progress bars), for scripts
+    that train or inspect one method the way the demo does."""
     data_cfg = demo_data_config(frames, seed)
     train_set, test_set = make_splits(data_cfg, train_size, test_size)
     encoder = demo_front_end(data_cfg.frame_size).vision_encoder(chunk_size=1024, progress=False)
-    train_feats = encode_dataset(train_set, encoder, progress=False)
-    test_feats = encode_dataset(test_set, encoder, progress=False)
+    train_raw = encode_dataset(train_set, encoder, progress=False)
+    test_raw = encode_dataset(test_set, encoder, progress=False)
+    train_feats, test_feats = list(train_raw), list(test_raw)  # standardised below, item by item
     standardize_items(FeatureStandardizer.fit([item.video for item in train_feats]), train_feats, test_feats)
     return DemoData(data_cfg, moving_shapes_tokenizer(data_cfg), encoder, train_set, test_set, train_feats,
-                    test_feats)
+                    test_feats, train_raw, test_raw)
 
 
 def methods_to_run(method: str) -> list[str]:
@@ -388,9 +391,9 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
 
 def fit(vm: VideoModel, dataset, collate, recipe: TrainConfig, kl_weight: float | None = None,
         log: Callable[[str], None] = print):
-    """Train ``vm`` as the demo does: ``train`` on the answers, or with ``kl_weight`` (a method with a teacher)
-    ``distill`` on the same schedule (no weight decay, the same warm-up) plus that weight on the KL term."""
-    if kl_weight is None:
+    """Train ``vm`` as the demo does: ``train`` on the answers, or with a positive ``kl_weight`` (a method with a
+    teacher) ``distill`` on the same schedule (no weight decay, the same warm-up) plus that weight on the KL term."""
+    if not kl_weight:
         return train(vm, dataset, collate, recipe, log=log)
     from .distill import DistillConfig, distill
 

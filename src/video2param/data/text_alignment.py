@@ -10,9 +10,9 @@ pretrained text tower matches it. This module builds one and aligns it on the Mo
   tiny CLIP vision transformer is never run: the features come from the front end);
 * contrastive over tokens: for each (video, question) pair, S = softmax over the video's T·P tokens of
   scale · cos(text, patch) should spread its mass evenly over the tokens of the object the question names (every
-  object for questions that name none): loss = −mean over the targets of log S. The named object is read off the question and the answer
-  (a colour names it; the objects of one video have distinct colours) and found in the front end's raw features by
-  its colour (channel 0 = presence, 1:4 = mean RGB).
+  object for questions that name none): loss = −mean over the targets of log S. The named object is read off the
+  question and the answer (a colour names it; the objects of one video have distinct colours) and found in the
+  front end's raw features by its colour (channel 0 = presence, 1:4 = mean RGB).
 
 :func:`load_or_align` caches the aligned model in a directory keyed by its settings and data.
 """
@@ -159,10 +159,11 @@ def relevance_quality(dual, tokenizer: Any, items: Sequence, raw_items: Sequence
         s = (dual.logit_scale * torch.einsum("be,bne->bn", text, views.float())).softmax(-1)
         for k, it in enumerate(chunk):
             target = target_tokens(raw_items[start + k].video, it.question, it.answer, it.qtype, colors).flatten()
-            mass.append(float(s[k][target].sum()))
+            on_target = s[k][target]
+            mass.append(float(on_target.sum()))
             top.append(float(target[s[k].argmax()]))
             uniform.append(float(target.float().mean()))
-            within = s[k][target] / s[k][target].sum().clamp(min=1e-30)
+            within = on_target / on_target.sum().clamp(min=1e-30)
             entropy = -(within * within.clamp(min=1e-30).log()).sum()
             spread.append(float(entropy.exp()) / max(int(target.sum()), 1))
     n = len(mass)

@@ -97,7 +97,8 @@ class LinvtOptions:
         default=0.5,
         metadata={"help": "Initial α of every scale in W = Π + α (A − Π): 1 = the queries' attention alone (the "
                           "paper's TTA), 0 = the ordered selection Π alone; 0 and 0.5 gave 71 and 65 on the demo's "
-                          "direction question (one seed, docs/results.md). init_projector_from sets 0.", "min": 0.0, "max": 1.0})
+                          "direction question (one seed, docs/results.md). init_projector_from sets 0.",
+                  "min": 0.0, "max": 1.0})
     spatial_pool: int = field(default=1, metadata={"help": "Frame projector: average-pool the square patch grid "
                                                            "by this stride (as llava's option).", "min": 1,
                                                    "max": 1024})
@@ -297,7 +298,7 @@ class ScaleAggregator(nn.Module):
     """TTA of one scale: its own queries and blocks, and the final aggregation over that scale's tokens."""
 
     def __init__(self, slots: int, dim: int, text_dim: int, heads: int, layers: int, ffn_mult: int,
-                 dropout: float, query_init_std: float, query_every_block: bool = False) -> None:
+                 dropout: float, query_init_std: float, query_every_block: bool) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(slots, dim) * query_init_std)
         self.query_every_block = query_every_block
@@ -310,13 +311,20 @@ class ScaleAggregator(nn.Module):
         self.to_query = nn.Linear(dim, dim)
         self.to_key = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor, text_mask: torch.Tensor,
-                has_text: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-        """Aggregation weights W (B, slots, M) over the scale's tokens; rows sum to one."""
+    def transformed_queries(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor,
+                            text_mask: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
+        """The queries (B, slots, dim) after the TTA blocks, before the final aggregation."""
         q = self.queries[None].expand(visual.shape[0], -1, -1).to(visual.dtype)
         identity = self.queries if self.query_every_block else None
         for block in self.blocks:
             q = block(q, visual, scale.mask, text, text_mask, has_text, identity)
+        return q
+
+    def forward(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor, text_mask: torch.Tensor,
+                has_text: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """Aggregation weights W (B, slots, M) over the scale's tokens; rows sum to one."""
+        q = self.transformed_queries(visual, scale, text, text_mask, has_text)
+        identity = self.queries if self.query_every_block else None
         keys = self.to_key(self.norm_keys(visual))
         query = self.to_query(_with_identity(self.norm_out(q), identity))
         logits = query @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
