@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-size", type=int, nargs=3, default=[4, 1, 1],
                         help="PPLLaVA's pooled (T', H', W') (default 4 1 1: 32x fewer tokens than llava at 8 frames)")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help="PPLLaVA options (JSON) added to every ppllava variant's, e.g. '{\"temperature\": 0.1}'")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak lr of every variant (default: each method's in the demo)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -124,6 +126,7 @@ def main() -> None:
         options = dict(spec["options"])
         helpers: dict[str, Any] = {}
         if spec["method"] == "ppllava":
+            options.update(args.options)
             options["output_size"] = list(args.output_size)
             helpers["text_encoder"] = random_dual if spec.get("random_text") else dual
         torch.manual_seed(args.seed)
