@@ -43,7 +43,7 @@ def vipe_report(vm, features: torch.Tensor) -> str:
 
 def linvt_report(vm, items, collate) -> str:
     from video2param.methods.blocks import sinusoid
-    from video2param.methods.linvt import scale_prior
+    from video2param.methods.linvt import ordered_selection
 
     batch = collate(items)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def linvt_report(vm, items, collate) -> str:
         has_text = text_mask.any(dim=1)
         for s, (scale, agg, aggregator) in enumerate(zip(out.scales, out.aggregation, vm.method.aggregators)):
             alpha = vm.method.mix[s]
-            prior = scale_prior(scale, agg.shape[1], vm.method.options.prior_order[s])
+            prior = ordered_selection(scale.mask, scale.score, agg.shape[1])
             attention = (agg - (1 - alpha) * prior) / alpha.clamp_min(1e-6)
             spread = (attention - attention.mean(1, keepdim=True)).abs().sum(-1).mean().item()
             pooled = scale.gather(out.frame_tokens)

@@ -12,7 +12,7 @@ from conftest import DV, WORDS, random_features
 from tiny_models import make_tiny_lm
 from video2param import VideoAdapterConfig, VideoModel, wrap_model
 from video2param.data.tokenizer import build_word_tokenizer
-from video2param.methods.linvt import LinvtMethod, LinvtOptions, pool_in_time, scale_prior, select_top_k
+from video2param.methods.linvt import LinvtMethod, LinvtOptions, pool_in_time, select_top_k
 
 SMALL = {"hidden_dim": 16, "num_heads": 2, "scorer_layers": 2, "top_k": 10, "scale_queries": [4, 2],
          "scale_windows": [1, 2]}
@@ -178,48 +178,6 @@ def test_pooling_runs_over_time_at_each_patch_position():
     torch.testing.assert_close(pooled[0, 2], frames[0, 2])
 
 
-@pytest.mark.parametrize("order", ["time", "patch"])
-def test_the_ordered_selection_cuts_windows_frame_by_frame_or_patch_by_patch(order):
-    torch.manual_seed(0)
-    t, p, slots = 9, 3, 4
-    scores = torch.randn(2, t, p)
-    selected = torch.rand(2, t, p) > 0.25
-    selected[1] = True
-    scale = pool_in_time(scores, selected, window=2)
-    prior = scale_prior(scale, slots, order)
-    torch.testing.assert_close(prior.sum(-1), torch.ones(2, slots))
-    for b in range(2):
-        real = int(scale.mask[b].sum())
-        assert prior[b, :, real:].abs().sum() == 0  # padding gets no weight
-        key = (scale.time[b] if order == "time" else scale.patch[b] * 100 + scale.time[b])[:real]
-        windows = [(prior[b, i, :real] > 0).nonzero().flatten() for i in range(slots)]
-        # A partition of the real tokens into contiguous runs of the chosen order, in slot order.
-        assert sorted(torch.cat(windows).tolist()) == list(range(real))
-        ranks = key.argsort(stable=True).argsort()
-        runs = [ranks[w].sort().values for w in windows]
-        assert all(bool((r[1:] - r[:-1] == 1).all()) for r in runs)
-        assert all(int(a[-1]) < int(c[0]) for a, c in zip(runs, runs[1:]))
-    # The full row 1 (9 frames → 5 windows of 2 frames at 3 patches = 15 tokens; slot 0 takes 3 of them): patch 0
-    # over the first three windows, or the three patches of the first window.
-    first = prior[1, 0] > 0
-    expected = ({0}, [0.5, 2.5, 4.5]) if order == "patch" else ({0, 1, 2}, [0.5, 0.5, 0.5])
-    assert (set(scale.patch[1, first].tolist()), scale.time[1, first].tolist()) == expected
-    # Within a window, the weights are softmax(score) over its tokens.
-    w0 = prior[1, 0] > 0
-    torch.testing.assert_close(prior[1, 0, w0], torch.softmax(scale.score[1, w0], 0))
-
-
-def test_patch_order_changes_the_prior_only_and_keeps_the_output_linear():
-    base, patched = build(), build(prior_order=["time", "patch"])
-    feats = random_features(2, frames=4)
-    a, b = tokenize(base, feats), tokenize(patched, feats)
-    torch.testing.assert_close(a.aggregation[0], b.aggregation[0])  # scale 0 keeps the time order
-    assert not torch.allclose(a.aggregation[1], b.aggregation[1])
-    torch.testing.assert_close(b.weights().sum(-1), torch.ones_like(b.weights().sum(-1)))
-    torch.testing.assert_close(b.tokens, b.weights() @ b.frame_tokens, rtol=1e-5, atol=1e-5)
-    assert LinvtOptions(scale_windows=[1, 2], scale_queries=[2, 2], prior_order="patch").prior_order == ["patch"] * 2
-
-
 def test_permuting_frames_changes_the_temporal_scales_and_patches_only_their_own_windows():
     vm = build(temporal_embedding=False, top_k=64)  # keep every token: the selection is not what is tested here
     feats = random_features(1, frames=4)
@@ -255,14 +213,13 @@ def test_tta_self_attention_mixes_the_queries_of_a_scale():
 
 def _attention_row_spread(vm: VideoModel) -> float:
     """Mean L1 distance of a query's attention row A from the mean row of its scale, at birth (α = 0.5)."""
-    from video2param.methods.linvt import scale_prior
+    from video2param.methods.linvt import ordered_selection
 
     out = tokenize(vm, random_features(2, frames=4))
     spreads = []
     for s, (scale, agg) in enumerate(zip(out.scales, out.aggregation)):
         alpha = vm.method.mix[s]
-        prior = scale_prior(scale, agg.shape[1], vm.method.options.prior_order[s])
-        attention = (agg - (1 - alpha) * prior) / alpha
+        attention = (agg - (1 - alpha) * ordered_selection(scale.mask, scale.score, agg.shape[1])) / alpha
         spreads.append((attention - attention.mean(1, keepdim=True)).abs().sum(-1).mean().item())
     return min(spreads)
 
@@ -441,8 +398,6 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path):
     ({"scale_windows": [1, 0]}, r"options.scale_windows\[1\]: must be >= 1"),
     ({"attention_mix_init": 1.5}, "options.attention_mix_init: must be <= 1"),
     ({"freeze_projector": "yes"}, "options.freeze_projector: expected a bool"),
-    ({"prior_order": ["time"]}, "options.prior_order: 1 entries for 2 scale_windows"),
-    ({"prior_order": "space"}, "options.prior_order: expected one of 'time', 'patch'"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):

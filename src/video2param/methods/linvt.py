@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +55,6 @@ from .blocks import Attention, sinusoid
 from .llava import LlavaMethod
 
 _MAX_TOKENS = 1 << 20
-PriorOrder = Literal["time", "patch"]
 
 
 @dataclass
@@ -92,12 +90,6 @@ class LinvtOptions:
                           "shared by all queries, cannot then merge them into one vector during training (demo "
                           "direction, three seeds: 88.0 without, 92.0 with; docs/results.md). Adapters saved before "
                           "this option existed load with it off.", "saved_before": False})
-    prior_order: PriorOrder | list[PriorOrder] = field(
-        default="time",
-        metadata={"help": "Order in which the ordered selection Π cuts each scale's tokens into one contiguous window "
-                          "per query (one value for every scale, or one per scale): 'time' = frame by frame, each "
-                          "window mixing every patch of a few frames; 'patch' = patch position by patch position, "
-                          "each window one patch over a stretch of frames."})
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim.", "min": 1, "max": 64})
     dropout: float = field(default=0.0, metadata={"help": "Attention dropout in the scorer and TTA.", "min": 0.0,
                                                   "lt": 1.0})
@@ -127,12 +119,6 @@ class LinvtOptions:
                              f"{len(self.scale_windows)} scale_windows; give one query count per scale")
         if sum(self.scale_queries) > _MAX_TOKENS:
             raise ValueError(f"options.scale_queries: {sum(self.scale_queries)} output tokens in all is too many")
-        if isinstance(self.prior_order, str):
-            self.prior_order = [self.prior_order] * len(self.scale_windows)
-        self.prior_order = list(self.prior_order)
-        if len(self.prior_order) != len(self.scale_windows):
-            raise ValueError(f"options.prior_order: {len(self.prior_order)} entries for {len(self.scale_windows)} "
-                             f"scale_windows; give one order per scale or one for all")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"options.num_heads: {self.num_heads} does not divide hidden_dim {self.hidden_dim}")
 
@@ -212,7 +198,6 @@ class ScaleTokens:
     weight: torch.Tensor  # (B, M, w)
     score: torch.Tensor  # (B, M): log-sum-exp of the pooled tokens' scores
     time: torch.Tensor  # (B, M): centre frame of the window
-    patch: torch.Tensor  # (B, M) long: patch position p
     mask: torch.Tensor  # (B, M) bool
 
     def gather(self, frame_tokens: torch.Tensor) -> torch.Tensor:
@@ -256,8 +241,7 @@ def pool_in_time(scores: torch.Tensor, selected: torch.Tensor, window: int) -> S
     weight = weight * mask[..., None]
     score = score.reshape(b, t_out * p).gather(1, order)
     time = centre[:, None].expand(t_out, p).reshape(t_out * p)[order]
-    patch = torch.arange(p, device=scores.device).repeat(t_out)[order]
-    return ScaleTokens(index, weight, score, time, patch, mask)
+    return ScaleTokens(index, weight, score, time, mask)
 
 
 # ---- TTA: text-conditioned token aggregation --------------------------------------------------------------------
@@ -298,7 +282,7 @@ def ordered_selection(mask: torch.Tensor, score: torch.Tensor, slots: int) -> to
     """Π (B, slots, M): slot i averages window i of the row's M real tokens with weights softmax(score).
 
     Windows are contiguous in token order: [⌊iM/n⌋, max(⌊(i+1)M/n⌋, ⌊iM/n⌋ + 1)), a partition when M ≥ n and a
-    single token (⌊iM/n⌋) each when M < n. The real tokens come first in each row.
+    single token (⌊iM/n⌋) each when M < n.
     """
     count = mask.sum(dim=1)[:, None]  # (B, 1)
     i = torch.arange(slots, device=mask.device)[None, :]
@@ -308,22 +292,6 @@ def ordered_selection(mask: torch.Tensor, score: torch.Tensor, slots: int) -> to
     inside = (j >= start[..., None]) & (j < end[..., None])  # (B, n, M)
     logits = score[:, None, :].expand_as(inside).masked_fill(~inside, float("-inf"))
     return torch.softmax(logits, dim=-1)
-
-
-def scale_prior(scale: ScaleTokens, slots: int, order: PriorOrder) -> torch.Tensor:
-    """Π (B, slots, M) of one scale, its windows cut in ``order``.
-
-    The scale's tokens are stored frame by frame ('time' order). For 'patch', Π is computed over the tokens sorted
-    by (patch, time), so each window holds one patch position over consecutive frames, and mapped back.
-    """
-    if order == "time":
-        return ordered_selection(scale.mask, scale.score, slots)
-    # Key (patch, frame), unique among a row's real tokens (frames < 2^32); padding sorts last.
-    key = (scale.patch << 32) + scale.time.floor().long()
-    key = key.masked_fill(~scale.mask, torch.iinfo(torch.long).max)
-    perm = torch.argsort(key, dim=1, stable=True)  # (B, M): sorted position j holds token perm[:, j]
-    prior = ordered_selection(scale.mask.gather(1, perm), scale.score.gather(1, perm), slots)
-    return torch.zeros_like(prior).scatter(2, perm[:, None, :].expand_as(prior), prior)
 
 
 class ScaleAggregator(nn.Module):
@@ -353,7 +321,7 @@ class ScaleAggregator(nn.Module):
         return q
 
     def forward(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor, text_mask: torch.Tensor,
-                has_text: torch.Tensor, mix: torch.Tensor, order: PriorOrder = "time") -> torch.Tensor:
+                has_text: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """Aggregation weights W (B, slots, M) over the scale's tokens; rows sum to one."""
         q = self.transformed_queries(visual, scale, text, text_mask, has_text)
         identity = self.queries if self.query_every_block else None
@@ -363,7 +331,7 @@ class ScaleAggregator(nn.Module):
         logits = (logits + scale.score[:, None, :].to(logits.dtype)).masked_fill(~scale.mask[:, None, :],
                                                                                   float("-inf"))
         attention = torch.softmax(logits, dim=-1)
-        prior = scale_prior(scale, q.shape[1], order).to(attention.dtype)
+        prior = ordered_selection(scale.mask, scale.score, q.shape[1]).to(attention.dtype)
         return prior + mix.to(attention.dtype) * (attention - prior)
 
 
@@ -471,13 +439,12 @@ class LinvtMethod(VideoMethod):
         text = self.text_norm(text)
         outputs, scales, weights = [], [], []
         mix = self.mix
-        opt = self.options
-        for s, (window, order, aggregator) in enumerate(zip(opt.scale_windows, opt.prior_order, self.aggregators)):
+        for s, (window, aggregator) in enumerate(zip(self.options.scale_windows, self.aggregators)):
             scale = pool_in_time(scores, selected, window)
             pooled = scale.gather(frame_tokens)  # (B, M, D)
             time = sinusoid(scale.time, self.options.hidden_dim).to(pooled.dtype)
             visual = self.token_proj(pooled) + time
-            agg = aggregator(visual, scale, text, text_mask, has_text, mix[s], order)
+            agg = aggregator(visual, scale, text, text_mask, has_text, mix[s])
             outputs.append(agg.to(pooled.dtype) @ pooled)
             scales.append(scale)
             weights.append(agg)
