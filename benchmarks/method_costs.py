@@ -81,7 +81,8 @@ def main() -> None:
             results = {}
             for method in methods:
                 torch.manual_seed(0)
-                # The demo's settings for the method; weight-space methods inject every L/4 layers (ViPE's choice).
+                # The demo's (8-frame) settings for the method at every length, so that only the length changes;
+                # weight-space methods inject every L/4 layers (ViPE's choice).
                 adapter = dict(method_settings(method).adapter)
                 if "inject_every" in adapter:
                     adapter["inject_every"] = max(layers // 4, 1)

@@ -122,7 +122,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name in args.variants:
         spec = VARIANTS[name]
-        lr = args.lr if args.lr is not None else method_settings(spec["method"]).lr
+        lr = args.lr if args.lr is not None else method_settings(spec["method"], args.frames).lr
         options = dict(spec["options"])
         helpers: dict[str, Any] = {}
         if spec["method"] == "ppllava":

@@ -61,7 +61,7 @@ def teacher_model(args, tokenizer, vision_width, train_feats, log) -> tuple[Vide
         return teacher, json.loads((directory / "train.json").read_text())
     torch.manual_seed(args.seed)
     llm = build_small_llm(len(tokenizer) + 1, args.seed)
-    settings = method_settings("llava")
+    settings = method_settings("llava", args.frames)
     config = VideoAdapterConfig(method="llava", vision_hidden_size=vision_width, num_frames=args.frames,
                                 **settings.adapter)
     teacher = wrap_model(llm, config, tokenizer=tokenizer, stage="sft")

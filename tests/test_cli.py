@@ -85,6 +85,24 @@ def test_demo_methods_start_from_the_same_lm():
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
+def test_demo_settings_follow_the_video_length():
+    # Measured per length: llava's 2e-3 fails the static questions at 32 frames, and PPLLaVA keeps the 2 x 2 grid
+    # there (docs/results.md); everything not named for the longer length stays as it is.
+    from video2param.demo import MethodSettings, method_options, method_settings
+
+    assert (method_settings("llava").lr, method_settings("llava", 31).lr, method_settings("llava", 32).lr) == \
+        (2e-3, 2e-3, 1e-3)
+    assert method_options("ppllava", 8) == {"num_frames": 8, "options": {"output_size": [4, 1, 1]}}
+    assert method_options("ppllava", 64) == {"num_frames": 64, "options": {"output_size": [3, 2, 2]}}
+    assert method_settings("ppllava", 32).lr == method_settings("ppllava", 8).lr
+    steps = MethodSettings(lr=1.0, adapter={"rank": 4, "options": {"a": 1, "b": 1}},
+                           from_frames={16: {"adapter": {"options": {"b": 2}}}, 8: {"lr": 0.5}})
+    assert (steps.at(4).lr, steps.at(8).lr, steps.at(16).lr) == (1.0, 0.5, 0.5)
+    assert steps.at(15).adapter == {"rank": 4, "options": {"a": 1, "b": 1}}
+    assert steps.at(16).adapter == {"rank": 4, "options": {"a": 1, "b": 2}}
+    assert steps.adapter == {"rank": 4, "options": {"a": 1, "b": 1}}  # the entry itself is left alone
+
+
 def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "many"])
