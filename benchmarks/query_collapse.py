@@ -9,6 +9,9 @@ encodes held-out videos of that run's seed and prints, per method:
 * LinVT: per scale, α and the mean L1 distance of a query's attention row A from the scale's mean row (0 = every
   output token attends alike; rows sum to 1, so 2 is the most), and the mean cosine of the queries to their mean
   after the TTA blocks.
+* LinVT, per question type: the share of the frame tokens that hold an object (the rest are empty grid cells), the
+  mean weight each scale's output tokens put on those tokens (tokens = weights @ frame tokens), and the mean
+  significance score of object tokens minus that of empty ones.
 
     python benchmarks/query_collapse.py runs/demo_all --seed 0
 """
@@ -67,6 +70,27 @@ def linvt_report(vm, items, collate) -> str:
     return "\n".join(lines)
 
 
+def linvt_focus_report(vm, items, raw_items, collate) -> str:
+    """Per question type: how much of LinVT's weight lands on the tokens of objects (the front end's empty cells
+    are all-zero raw features)."""
+    lines = []
+    for qtype in dict.fromkeys(item.qtype for item in items):
+        picked = [(item, raw) for item, raw in zip(items, raw_items) if item.qtype == qtype]
+        batch = collate([item for item, _ in picked])
+        on_object = torch.stack([raw.video for _, raw in picked]).abs().sum(-1).gt(0).flatten(1).float()  # (B, T·P)
+        with torch.no_grad():
+            cond = vm._conditioning(len(picked), batch["input_ids"], batch["attention_mask"], None, None)
+            out = vm.method.tokenize(batch["videos"], None, cond)
+            mass = (out.weights() * on_object[:, None]).sum(-1)  # (B, N)
+        per_scale = [part.mean().item() for part in mass.split(vm.method.options.scale_queries, dim=1)]
+        scores = out.scores.flatten(1)
+        contrast = ((scores * on_object).sum() / on_object.sum()
+                    - (scores * (1 - on_object)).sum() / (1 - on_object).sum()).item()
+        lines.append(f"linvt {qtype}: object share of the frame tokens {on_object.mean().item():.2f}; weight on them "
+                     f"per scale {', '.join(f'{m:.2f}' for m in per_scale)}; score object - empty {contrast:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="output directory of `video2param demo --method all` (or one with vipe/linvt)")
@@ -87,7 +111,9 @@ def main() -> None:
         print(vipe_report(_load(run, "vipe", tokenizer), torch.stack([item.video for item in items])))
     if (run / "linvt" / "adapter").is_dir():
         vm = _load(run, "linvt", tokenizer)
-        print(linvt_report(vm, items, VideoQACollator(tokenizer, vm.video_token, train=False)))
+        collate = VideoQACollator(tokenizer, vm.video_token, train=False)
+        print(linvt_report(vm, items, collate))
+        print(linvt_focus_report(vm, data.test_feats[: 10 * args.videos], data.test_raw[: 10 * args.videos], collate))
 
 
 if __name__ == "__main__":
