@@ -6,9 +6,8 @@ relevance map is only as good as that alignment (a random text tower gives a ran
 
 Its text tower and patch projection are trained contrastively on the training split only, so that S spreads its
 mass evenly over the tokens of the object the question names; the model is cached under ``--output/aligner`` and reused.
-Variants: llava; ppllava with ``pool_mode`` sum and window_softmax; ppllava with ``spatial_embedding``;
-``relevance="uniform"`` (unguided pooling with the same windows, the ablation); ppllava with a random (unaligned)
-text tower.
+Variants: llava; ppllava with ``pool_mode`` sum and window_softmax; ``relevance="uniform"`` (unguided pooling with
+the same windows, the ablation); ppllava with a random (unaligned) text tower.
 
 Then every variant trains from the same LM initialisation for the same steps, each at its method's learning rate in
 the demo unless ``--lr`` is given, and the table reports accuracy per question type, visual tokens, LLM FLOPs and
@@ -42,7 +41,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "llava": {"method": "llava", "options": {}},
     "ppllava": {"method": "ppllava", "options": {"pool_mode": "sum"}},
     "ppllava-window_softmax": {"method": "ppllava", "options": {"pool_mode": "window_softmax"}},
-    "ppllava-spatial": {"method": "ppllava", "options": {"pool_mode": "sum", "spatial_embedding": True}},
     "ppllava-uniform": {"method": "ppllava", "options": {"relevance": "uniform"}},
     "ppllava-random-text": {"method": "ppllava", "options": {"pool_mode": "sum"}, "random_text": True},
 }

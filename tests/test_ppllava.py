@@ -123,24 +123,6 @@ def test_uniform_relevance_is_the_window_mean():
     torch.testing.assert_close(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("spatial", [False, True])
-def test_the_spatial_embedding_keeps_where_a_pooled_token_came_from(spatial):
-    # Pooling a frame to one token sums its patches weighted by their relevance: the same content in other patches
-    # gives the same token, unless each patch carries its position code into the pool.
-    vm = _wake(_model(output_size=[4, 1, 1], spatial_embedding=spatial))
-    ids, mask = _prompts(vm, QUESTIONS[:1])
-    feats = random_features(1, frames=4, patches=9)
-    moved = feats[:, :, [4, 0, 1, 2, 3, 5, 6, 7, 8]]  # patch contents moved around in every frame
-    a, b = (vm.encode_video(f, input_ids=ids, attention_mask=mask).embeds for f in (feats, moved))
-    if spatial:
-        assert (a - b).abs().max() > 1e-3
-        b.sum().backward()
-        assert vm.method.spatial.weight.grad.abs().sum() > 0
-    else:
-        torch.testing.assert_close(a, b)
-        assert vm.method.spatial is None
-
-
 def test_uniform_relevance_needs_neither_a_text_tower_nor_a_question(tmp_path):
     # Unguided pooling is the PPLLaVA ablation and a method of its own: a vision tower alone (by name or as
     # features) must do, and no question is read.

@@ -32,13 +32,8 @@ from torch import nn
 
 from ..kernels import weighted_pool3d
 from .base import Conditioning, LLMInfo, TokenContext, VideoMethod, register_method
-from .blocks import sinusoid
 
 PROJECTED = "projected"  # the vision view this method reads (video.dual_encoder.PROJECTED)
-
-
-#: Sinusoid channels per axis of the patch-position code (spatial_embedding).
-_SPATIAL_CODE = 16
 
 
 @dataclass
@@ -78,12 +73,6 @@ class PPLLaVAOptions:
     )
     temporal_embedding: bool = field(
         default=True, metadata={"help": "Add a learned embedding per pooled time step before the projector."}
-    )
-    spatial_embedding: bool = field(
-        default=False,
-        metadata={"help": "Add a learned map of each patch's (row, column) sinusoid code to V before pooling, so a "
-                          "token pooled over space still says in which patches its relevance lay (a plain "
-                          "spatial pool keeps only the features' own position channels, if any)."},
     )
     extend_text_context: bool = field(
         default=True, metadata={"help": "Stretch the text tower's positions (keep the first text_keep_positions, "
@@ -160,10 +149,6 @@ class PPLLaVAMethod(VideoMethod):
         self.temporal = nn.Embedding(config.num_frames, dv) if opts.temporal_embedding else None
         if self.temporal is not None:
             nn.init.normal_(self.temporal.weight, std=0.02)
-        self.spatial: nn.Linear | None = None
-        if opts.spatial_embedding:
-            self.spatial = nn.Linear(2 * _SPATIAL_CODE, dv, bias=False)
-            nn.init.normal_(self.spatial.weight, std=(2 * _SPATIAL_CODE) ** -0.5)  # each patch's vector ~ N(0, 1/2)
         self.projector = nn.Sequential(nn.Linear(dv, d), nn.GELU(), nn.Linear(d, d))
         self.text_position_residual: nn.Parameter | None = None
         if opts.relevance == "prompt" and opts.extend_text_context:
@@ -302,21 +287,11 @@ class PPLLaVAMethod(VideoMethod):
         image = v.shape[1] == 1
         kernel = opts.image_kernel if image else opts.kernel
         stride = (opts.image_stride if image else opts.stride) or kernel
-        if self.spatial is not None:
-            v = v + self.spatial_codes(v.shape[2], v.shape[3], v.device).to(v.dtype)
         out = prompt_guided_pool(v, scores, kernel, stride, opts.output_size, opts.pool_mode, opts.temperature)
         if self.temporal is not None:
             out = out + self.temporal.weight[: out.shape[1]].to(out.dtype)[None, :, None, None, :]
         tokens = self.projector(out.to(self.projector[0].weight.dtype))
         return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
-
-
-    def spatial_codes(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """(H, W, Dv): the learned map of each patch's row and column sinusoid codes."""
-        rows = sinusoid(torch.arange(height, device=device), _SPATIAL_CODE)
-        cols = sinusoid(torch.arange(width, device=device), _SPATIAL_CODE)
-        code = torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], dim=-1)
-        return self.spatial(code.to(self.spatial.weight.dtype))
 
 
 def prompt_guided_pool(v: torch.Tensor, scores: torch.Tensor, kernel, stride, output_size=None,
