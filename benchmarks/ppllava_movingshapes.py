@@ -107,7 +107,8 @@ def main() -> None:
     data_cfg, tokenizer, encoder = data.config, data.tokenizer, data.encoder
     train_feats, test_feats, train_raw, test_raw = data.train_feats, data.test_feats, data.train_raw, data.test_raw
     width = encoder.hidden_size
-    print(f"MovingShapes: {len(train_feats)} train / {len(test_feats)} test, features {tuple(train_feats[0].video.shape)}")
+    print(f"MovingShapes: {len(train_feats)} train / {len(test_feats)} test, "
+          f"features {tuple(train_feats[0].video.shape)}")
 
     aligner_tok = moving_shapes_tokenizer(data_cfg)
     dual, quality = load_or_align(out / "aligner", aligner_tok, (train_feats, train_raw), (test_feats, test_raw),

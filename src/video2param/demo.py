@@ -408,8 +408,8 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
     tokenizer.save_pretrained(method_dir / "llm")
     log(f"  accuracy {json.dumps({k: round(100 * v, 1) for k, v in acc.items()})}; "
         f"{result.seconds:.0f}s of training; saved to {method_dir}/")
-    row = {"accuracy": acc, "lr": lr, "stage": stage, "teacher": teacher, "train_step_s": result.step_time, "train_seconds": result.seconds,
-           "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens, "llm_flops": cost.llm_flops,
+    row = {"accuracy": acc, "lr": lr, "stage": stage, "teacher": teacher, "train_step_s": result.step_time,
+           "train_seconds": result.seconds, "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens, "llm_flops": cost.llm_flops,
            "ttft_s": cost.ttft_s}
     return row, cost
 
