@@ -61,7 +61,8 @@ def main() -> None:
         parser.error(f"--kl-weight: {args.method} has no teacher to distil")
     adapter = json.loads(args.adapter) if args.adapter is not None else method_options(args.method, args.frames)
     adapter.setdefault("num_frames", args.frames)
-    lr = args.lr if args.lr is not None else method_settings(args.method, args.frames).lr
+    settings = method_settings(args.method, args.frames)
+    lr = args.lr if args.lr is not None else settings.lr
 
     data = demo_data(args.frames, args.seed, args.train_size, args.test_size)
     tokenizer, encoder, train_feats, test_feats = data.tokenizer, data.encoder, data.train_feats, data.test_feats
@@ -84,7 +85,7 @@ def main() -> None:
     start = time.perf_counter()
     recipe = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                          log_every=max(args.steps // 4, 1), progress=False)
-    kl_weight = args.kl_weight if args.kl_weight is not None else method_settings(args.method, args.frames).kl_weight
+    kl_weight = args.kl_weight if args.kl_weight is not None else settings.kl_weight
     result = fit(vm, train_feats, collate, recipe, kl_weight, log=print)
     accuracy = evaluate(vm, test_feats, batch_size=100)
     row = {"method": args.method, "seed": args.seed, "lr": lr, "steps": args.steps, "adapter": adapter,

@@ -113,8 +113,9 @@ class MethodSettings:
             if frames < start:
                 break
             change = self.from_frames[start]
-            adapter = {**settings.adapter, **change.get("adapter", {})}
-            adapter["options"] = {**settings.adapter.get("options", {}), **change.get("adapter", {}).get("options", {})}
+            extra = change.get("adapter", {})
+            adapter = {**settings.adapter, **extra}
+            adapter["options"] = {**settings.adapter.get("options", {}), **extra.get("options", {})}
             if not adapter["options"]:
                 del adapter["options"]
             settings = dataclasses.replace(settings, lr=change.get("lr", settings.lr), adapter=adapter)
@@ -409,8 +410,8 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
     log(f"  accuracy {json.dumps({k: round(100 * v, 1) for k, v in acc.items()})}; "
         f"{result.seconds:.0f}s of training; saved to {method_dir}/")
     row = {"accuracy": acc, "lr": lr, "stage": stage, "teacher": teacher, "train_step_s": result.step_time,
-           "train_seconds": result.seconds, "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens, "llm_flops": cost.llm_flops,
-           "ttft_s": cost.ttft_s}
+           "train_seconds": result.seconds, "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens,
+           "llm_flops": cost.llm_flops, "ttft_s": cost.ttft_s}
     return row, cost
 
 

@@ -315,18 +315,21 @@ class ScaleAggregator(nn.Module):
                             text_mask: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
         """The queries (B, slots, dim) after the TTA blocks, before the final aggregation."""
         q = self.queries[None].expand(visual.shape[0], -1, -1).to(visual.dtype)
-        identity = self.queries if self.query_every_block else None
         for block in self.blocks:
-            q = block(q, visual, scale.mask, text, text_mask, has_text, identity)
+            q = block(q, visual, scale.mask, text, text_mask, has_text, self._identity)
         return q
+
+    @property
+    def _identity(self) -> torch.Tensor | None:
+        """The queries' own embeddings, re-added at every attention (``query_every_block``), or None."""
+        return self.queries if self.query_every_block else None
 
     def forward(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor, text_mask: torch.Tensor,
                 has_text: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """Aggregation weights W (B, slots, M) over the scale's tokens; rows sum to one."""
         q = self.transformed_queries(visual, scale, text, text_mask, has_text)
-        identity = self.queries if self.query_every_block else None
         keys = self.to_key(self.norm_keys(visual))
-        query = self.to_query(_with_identity(self.norm_out(q), identity))
+        query = self.to_query(_with_identity(self.norm_out(q), self._identity))
         logits = query @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
         logits = (logits + scale.score[:, None, :].to(logits.dtype)).masked_fill(~scale.mask[:, None, :],
                                                                                   float("-inf"))
