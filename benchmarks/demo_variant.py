@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--adapter", default=None,
                         help="VideoAdapterConfig fields as JSON (default: the demo's settings for the method)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the demo's)")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the demo's, 1200 times the method's step_factor)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--test-size", type=int, default=500)
@@ -46,7 +47,7 @@ def main() -> None:
 
     from video2param import VideoAdapterConfig, wrap_model
     from video2param.data import VideoQACollator, evaluate
-    from video2param.demo import build_small_llm, demo_data, fit, method_options, method_settings
+    from video2param.demo import DemoConfig, build_small_llm, demo_data, fit, method_options, method_settings
     from video2param.methods.base import get_method
     from video2param.train import TrainConfig
 
@@ -63,6 +64,7 @@ def main() -> None:
     adapter.setdefault("num_frames", args.frames)
     settings = method_settings(args.method, args.frames)
     lr = args.lr if args.lr is not None else settings.lr
+    steps = args.steps if args.steps is not None else settings.steps(DemoConfig().steps)
 
     data = demo_data(args.frames, args.seed, args.train_size, args.test_size)
     tokenizer, encoder, train_feats, test_feats = data.tokenizer, data.encoder, data.train_feats, data.test_feats
@@ -83,12 +85,12 @@ def main() -> None:
     vm = wrap_model(llm, config, tokenizer=tokenizer, stage=stage, teacher=teacher)
     collate = VideoQACollator(tokenizer, vm.video_token, train=True)
     start = time.perf_counter()
-    recipe = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
-                         log_every=max(args.steps // 4, 1), progress=False)
+    recipe = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
+                         log_every=max(steps // 4, 1), progress=False)
     kl_weight = args.kl_weight if args.kl_weight is not None else settings.kl_weight
     result = fit(vm, train_feats, collate, recipe, kl_weight, log=print)
     accuracy = evaluate(vm, test_feats, batch_size=100)
-    row = {"method": args.method, "seed": args.seed, "lr": lr, "steps": args.steps, "adapter": adapter,
+    row = {"method": args.method, "seed": args.seed, "lr": lr, "steps": steps, "adapter": adapter,
            "kl_weight": kl_weight,
            "accuracy": {k: round(100 * v, 1) for k, v in accuracy.items()}, "final_loss": result.final_loss(),
            "seconds": round(time.perf_counter() - start, 1)}

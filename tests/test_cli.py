@@ -60,6 +60,8 @@ def test_demo_all_puts_every_registered_method_in_one_table(tmp_path, capsys):
         assert f"| {label} |" in printed
     assert results["rows"]["ppllava"]["visual_tokens"] < results["rows"]["llava"]["visual_tokens"]
     assert results["rows"]["video2lora"]["stage"] == "pretrain" and results["rows"]["video2lora"]["teacher"]
+    # The student gets its step_factor times the budget; the others the budget.
+    assert results["rows"]["video2lora"]["steps"] == 2 * 2 and results["rows"]["llava"]["steps"] == 2
     assert not {"text_encoder", "teacher"} & set(get_method(results["ask"]["method"]).needs)
 
 
@@ -101,6 +103,16 @@ def test_demo_settings_follow_the_video_length():
     assert steps.at(15).adapter == {"rank": 4, "options": {"a": 1, "b": 1}}
     assert steps.at(16).adapter == {"rank": 4, "options": {"a": 1, "b": 2}}
     assert steps.adapter == {"rank": 4, "options": {"a": 1, "b": 1}}  # the entry itself is left alone
+
+
+def test_demo_step_factor_multiplies_the_budget_and_rejects_non_positive_ints():
+    from video2param.demo import MethodSettings, method_settings
+
+    assert MethodSettings(lr=1.0, step_factor=3).at(32).steps(100) == 300
+    assert method_settings("llava").steps(100) == 100
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="step_factor"):
+            MethodSettings(lr=1.0, step_factor=bad)
 
 
 def test_demo_rejects_bad_flags(capsys):
