@@ -75,6 +75,40 @@ def cost_table(frames: int, grid: int, seed: int = 0, repeats: int = 5) -> str:
     return "\n".join(lines)
 
 
+GAP_BUCKETS = ((2, "2"), (4, "3-4"), (8, "5-8"), (10**9, "9+"))
+
+
+def appearance_gap(raw_video: torch.Tensor) -> int:
+    """Frames between the first two objects' appearances, from unstandardised front-end features (T, P, D): an
+    object is a colour (channels 1-3; objects of one video differ in colour) in a cell whose presence (channel 0)
+    is set. -1 for a video with fewer than two objects."""
+    first_seen: dict[tuple[float, ...], int] = {}
+    for t, frame in enumerate(raw_video):
+        for cell in frame[frame[:, 0] > 0.5]:
+            first_seen.setdefault(tuple(round(float(c), 2) for c in cell[1:4]), t)
+    firsts = sorted(first_seen.values())
+    return firsts[1] - firsts[0] if len(firsts) >= 2 else -1
+
+
+def order_accuracy_by_gap(vm, feats: list, raws: list, per_bucket: int | None = None) -> dict[str, tuple[int, float]]:
+    """Accuracy on the ``order`` questions grouped by the gap between the objects' appearances: {bucket: (questions,
+    accuracy %)}; at most ``per_bucket`` questions each."""
+    buckets: dict[str, list] = {}
+    for item, raw in zip(feats, raws):
+        if item.qtype == "order":
+            gap = appearance_gap(raw.video)
+            if gap < 0:
+                continue
+            label = next(name for top, name in GAP_BUCKETS if gap <= top)
+            buckets.setdefault(label, []).append(item)
+    report = {}
+    for _, label in GAP_BUCKETS:
+        items = buckets.get(label, [])[:per_bucket]
+        if items:
+            report[label] = (len(items), round(100 * evaluate(vm, items, batch_size=100)["overall"], 1))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -92,6 +126,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default="runs/ppllava")
+    parser.add_argument("--order-by-gap", action="store_true",
+                        help="also report order accuracy by the frames between the objects' appearances, on the "
+                             "held-out questions and on up to 150 training questions per gap")
     parser.add_argument("--costs", type=int, nargs=2, metavar=("FRAMES", "GRID"), default=None,
                         help="only measure costs of llava and ppllava at FRAMES frames of GRID x GRID patches")
     args = parser.parse_args()
@@ -141,6 +178,11 @@ def main() -> None:
         batch = VideoQACollator(tokenizer, vm.video_token, train=False)(test_feats[:1])
         cost = measure_costs(vm, batch["input_ids"], batch["attention_mask"], batch["videos"], repeats=20)
         rows[name] = {"accuracy": acc, "cost": cost, "train_s": result.seconds, "loss": result.final_loss()}
+        if args.order_by_gap:
+            by_gap = {"held_out": order_accuracy_by_gap(vm, test_feats, test_raw),
+                      "train": order_accuracy_by_gap(vm, train_feats, train_raw, per_bucket=150)}
+            rows[name]["order_by_gap"] = by_gap
+            print(f"  order accuracy by appearance gap (questions, %): {json.dumps(by_gap)}")
         print(f"  {json.dumps({k: round(100 * v, 1) for k, v in acc.items()})}; {result.seconds:.0f}s")
     base = rows.get("llava")
     qtypes = [k for k in next(iter(rows.values()))["accuracy"] if k != "overall"] + ["overall"]
@@ -154,7 +196,8 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{100 * row['accuracy'][k]:.1f}" for k in qtypes)
                      + f" | {row['cost'].visual_tokens} | {ratios['flops_ratio']:.3f} | {ratios['ttft_ratio']:.2f} |")
         summary["rows"][name] = {"accuracy": row["accuracy"], "visual_tokens": row["cost"].visual_tokens,
-                                 **ratios, "train_s": row["train_s"], "final_loss": row["loss"]}
+                                 **ratios, "train_s": row["train_s"], "final_loss": row["loss"],
+                                 **({"order_by_gap": row["order_by_gap"]} if "order_by_gap" in row else {})}
     table = "\n".join(lines)
     print("\n" + table)
     summary["table"] = table

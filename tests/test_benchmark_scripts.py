@@ -31,3 +31,21 @@ def test_script_help_runs(script):
     result = _run([f"benchmarks/{script}", "--help"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower()
+
+
+def test_appearance_gap_reads_when_the_second_object_arrives():
+    # ppllava_movingshapes.py --order-by-gap groups order questions by it: presence is the front end's channel 0.
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("ppllava_movingshapes", BENCHMARKS / "ppllava_movingshapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    video = torch.zeros(10, 4, 25)
+    video[1:4, 0, :4] = torch.tensor([1.0, 0.9, 0.1, 0.1])  # a red object on frames 1-3
+    video[4:6, 1, :4] = torch.tensor([1.0, 0.9, 0.1, 0.1])  # the same object in the next cell
+    assert script.appearance_gap(video) == -1
+    video[7:10, 2, :4] = torch.tensor([1.0, 0.1, 0.1, 0.9])  # a blue one from frame 7, after red has gone
+    assert script.appearance_gap(video) == 6
+    assert [name for top, name in script.GAP_BUCKETS if 6 <= top][0] == "5-8"
