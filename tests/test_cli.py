@@ -109,6 +109,10 @@ def test_demo_step_factor_multiplies_the_budget_and_rejects_non_positive_ints():
     from video2param.demo import MethodSettings, method_settings
 
     assert MethodSettings(lr=1.0, step_factor=3).at(32).steps(100) == 300
+    by_length = MethodSettings(lr=1.0, step_factor=4, from_frames={32: {"step_factor": 2}})
+    assert (by_length.at(8).steps(100), by_length.at(32).steps(100)) == (400, 200)
+    with pytest.raises(ValueError, match=r"from_frames\[32\]: unknown setting"):
+        MethodSettings(lr=1.0, from_frames={32: {"steps": 2}})
     assert method_settings("llava").steps(100) == 100
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="step_factor"):

@@ -88,6 +88,9 @@ class DemoConfig:
             raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
 
 
+_LENGTH_SETTINGS = frozenset({"lr", "step_factor", "adapter"})  # what MethodSettings.from_frames may change
+
+
 @dataclass(frozen=True)
 class MethodSettings:
     """How the demo trains one method: its peak learning rate and its adapter settings for the small LM."""
@@ -106,14 +109,19 @@ class MethodSettings:
                           "when the common budget ends; its row says how many steps it had).", "min": 1})
     from_frames: dict[int, dict[str, Any]] = field(
         default_factory=dict,
-        metadata={"help": "Settings that change with the video length: {frames: {'lr': ..., 'adapter': {...}}}, "
-                          "applied when --frames is at least that many (smallest key first; adapter options merge "
-                          "into the ones above)."})
+        metadata={"help": "Settings that change with the video length: {frames: {'lr': ..., 'step_factor': ..., "
+                          "'adapter': {...}}}, applied when --frames is at least that many (smallest key first; "
+                          "adapter options merge into the ones above)."})
     why: str = field(default="", metadata={"help": "Where the numbers come from."})
 
     def __post_init__(self) -> None:
         if isinstance(self.step_factor, bool) or not isinstance(self.step_factor, int) or self.step_factor < 1:
             raise ValueError(f"step_factor: expected a positive int, got {self.step_factor!r}")
+        for start, change in self.from_frames.items():
+            unknown = set(change) - _LENGTH_SETTINGS
+            if unknown:
+                raise ValueError(f"from_frames[{start}]: unknown setting(s) {sorted(unknown)}; expected some of "
+                                 f"{sorted(_LENGTH_SETTINGS)}")
 
     def steps(self, demo_steps: int) -> int:
         """Training steps of this method when the demo's budget is ``demo_steps``."""
@@ -131,7 +139,8 @@ class MethodSettings:
             adapter["options"] = {**settings.adapter.get("options", {}), **extra.get("options", {})}
             if not adapter["options"]:
                 del adapter["options"]
-            settings = dataclasses.replace(settings, lr=change.get("lr", settings.lr), adapter=adapter)
+            settings = dataclasses.replace(settings, lr=change.get("lr", settings.lr), adapter=adapter,
+                                           step_factor=change.get("step_factor", settings.step_factor))
         return settings
 
 
