@@ -61,7 +61,7 @@ def test_demo_all_puts_every_registered_method_in_one_table(tmp_path, capsys):
     assert results["rows"]["ppllava"]["visual_tokens"] < results["rows"]["llava"]["visual_tokens"]
     assert results["rows"]["video2lora"]["stage"] == "pretrain" and results["rows"]["video2lora"]["teacher"]
     # The student gets its step_factor times the budget; the others the budget.
-    assert results["rows"]["video2lora"]["steps"] == 2 * 2 and results["rows"]["llava"]["steps"] == 2
+    assert results["rows"]["video2lora"]["steps"] == 4 * 2 and results["rows"]["llava"]["steps"] == 2
     assert not {"text_encoder", "teacher"} & set(get_method(results["ask"]["method"]).needs)
 
 
