@@ -106,7 +106,7 @@ class MethodSettings:
     step_factor: int = field(
         default=1,
         metadata={"help": "The method trains for this many times the demo's --steps (a stage that is still learning "
-                          "when the common budget ends; its row says how many steps it had).", "min": 1})
+                          "when the common budget ends; its row says how many steps it had)."})
     from_frames: dict[int, dict[str, Any]] = field(
         default_factory=dict,
         metadata={"help": "Settings that change with the video length: {frames: {'lr': ..., 'step_factor': ..., "
@@ -437,9 +437,9 @@ def _train_and_score(name: str, cfg: DemoConfig, tokenizer, make_llm, vision_wid
     tokenizer.save_pretrained(method_dir / "llm")
     log(f"  accuracy {json.dumps({k: round(100 * v, 1) for k, v in acc.items()})}; "
         f"{result.seconds:.0f}s of training; saved to {method_dir}/")
-    row = {"accuracy": acc, "lr": lr, "steps": steps, "stage": stage, "teacher": teacher, "train_step_s": result.step_time,
-           "train_seconds": result.seconds, "final_loss": result.final_loss(), "visual_tokens": cost.visual_tokens,
-           "llm_flops": cost.llm_flops, "ttft_s": cost.ttft_s}
+    row = {"accuracy": acc, "lr": lr, "steps": steps, "stage": stage, "teacher": teacher,
+           "train_step_s": result.step_time, "train_seconds": result.seconds, "final_loss": result.final_loss(),
+           "visual_tokens": cost.visual_tokens, "llm_flops": cost.llm_flops, "ttft_s": cost.ttft_s}
     return row, cost
 
 
