@@ -120,6 +120,7 @@ def main() -> None:
                         help="PPLLaVA's pooled (T', H', W') (default 4 1 1: 32x fewer tokens than llava at 8 frames)")
     parser.add_argument("--options", type=json.loads, default={},
                         help="PPLLaVA options (JSON) added to every ppllava variant's, e.g. '{\"temperature\": 0.1}'")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of every variant")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak lr of every variant (default: each method's in the demo)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -171,9 +172,9 @@ def main() -> None:
         vm = wrap_model(make_llm(), config, tokenizer=tokenizer, stage="sft", **helpers)
         collate = VideoQACollator(tokenizer, vm.video_token, train=True)
         print(f"\n== {name}: {args.steps} steps, lr {lr:g}, options {options} ==")
-        result = train(vm, train_feats, collate, TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr,
-                                                             seed=args.seed, log_every=max(args.steps // 4, 1),
-                                                             progress=False))
+        recipe = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay,
+                             seed=args.seed, log_every=max(args.steps // 4, 1), progress=False)
+        result = train(vm, train_feats, collate, recipe)
         acc = evaluate(vm, test_feats, batch_size=100)
         batch = VideoQACollator(tokenizer, vm.video_token, train=False)(test_feats[:1])
         cost = measure_costs(vm, batch["input_ids"], batch["attention_mask"], batch["videos"], repeats=20)
