@@ -32,6 +32,7 @@ import torch
 from video2param import VideoAdapterConfig, wrap_model
 from video2param.bench import measure_costs
 from video2param.data import VideoQACollator, chance_accuracy, evaluate, make_splits, moving_shapes_tokenizer
+from video2param.data.front_end import COLOUR, PRESENCE
 from video2param.data.text_alignment import AlignerSettings, build_aligner, load_or_align
 from video2param.demo import build_small_llm, demo_data, demo_data_config, method_settings
 from video2param.train import TrainConfig, train
@@ -80,13 +81,15 @@ GAP_BUCKETS = ((2, "2"), (4, "3-4"), (8, "5-8"), (10**9, "9+"))
 
 def appearance_gap(raw_video: torch.Tensor) -> int:
     """Frames between the first two objects' appearances, from unstandardised front-end features (T, P, D): an
-    object is a colour (channels 1-3; objects of one video differ in colour) in a cell whose presence (channel 0)
-    is set. -1 for a video with fewer than two objects."""
-    first_seen: dict[tuple[float, ...], int] = {}
-    for t, frame in enumerate(raw_video):
-        for cell in frame[frame[:, 0] > 0.5]:
-            first_seen.setdefault(tuple(round(float(c), 2) for c in cell[1:4]), t)
-    firsts = sorted(first_seen.values())
+    object is a colour (objects of one video differ in colour) in a cell whose presence is set. -1 for a video with
+    fewer than two objects."""
+    frame, cell = (raw_video[..., PRESENCE] > 0.5).nonzero(as_tuple=True)
+    if frame.numel() == 0:
+        return -1
+    colours = (raw_video[frame, cell][:, COLOUR] * 100).round()
+    _, which = torch.unique(colours, dim=0, return_inverse=True)
+    first = torch.full((int(which.max()) + 1,), raw_video.shape[0]).scatter_reduce(0, which, frame, "amin")
+    firsts = first.sort().values.tolist()
     return firsts[1] - firsts[0] if len(firsts) >= 2 else -1
 
 

@@ -46,6 +46,9 @@ from torch import nn
 
 #: File that marks a directory as a saved :class:`ObjectGridFrontEnd`.
 FRONT_END_FILE = "front_end.json"
+#: Channels of an object's vector (unstandardised): presence (1 where a cell holds an object, else 0) and mean RGB.
+PRESENCE = 0
+COLOUR = slice(1, 4)
 _KIND = "video2param.object_grid"
 
 
@@ -126,7 +129,7 @@ class ObjectGridFrontEnd(nn.Module):
         left, right = scatter_extreme(fg_x, "amin")[objects], scatter_extreme(fg_x, "amax")[objects] + 1
         shape = self._occupancy(fg_row, fg_y, fg_x, objects, n * bins, top, bottom, left, right)
         cell_px = height / cfg.grid
-        features = torch.cat([
+        features = torch.cat([  # PRESENCE, COLOUR, then the rest in the order of the module docstring
             torch.ones_like(k)[:, None],
             colour,
             torch.stack([2 * centre_y / height - 1, 2 * centre_x / width - 1], 1),

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .collate import format_prompt
+from .front_end import COLOUR, PRESENCE
 from .moving_shapes import PALETTE, SHAPES
 
 __all__ = ["AlignerSettings", "align_text_tower", "build_aligner", "load_or_align", "question_text",
@@ -74,9 +75,9 @@ def target_tokens(raw: torch.Tensor, question: str, answer: str, qtype: str,
                   colors: Sequence[str]) -> torch.Tensor:
     """(T, P) bool: the tokens of the object the question names, or of every object when it names none.
 
-    ``raw``: the front end's unstandardised features (T, P, Dv), channel 0 presence, 1:4 the object's mean RGB.
+    ``raw``: the front end's unstandardised features (T, P, Dv).
     """
-    present = raw[..., 0] > 0.5
+    present = raw[..., PRESENCE] > 0.5
     words = question.replace("?", " ").split()
     named = [c for c in colors if c in words]
     if not named and qtype == "color" and any(w in words for w in SHAPES):
@@ -84,7 +85,7 @@ def target_tokens(raw: torch.Tensor, question: str, answer: str, qtype: str,
     if not named:
         return present
     rgb = torch.tensor(PALETTE[named[0]], dtype=torch.float32) / 255
-    hit = present & ((raw[..., 1:4] - rgb).abs().amax(-1) < 0.08)
+    hit = present & ((raw[..., COLOUR] - rgb).abs().amax(-1) < 0.08)
     return hit if bool(hit.any()) else present
 
 
