@@ -92,6 +92,40 @@ def test_output_size_derives_overlapping_windows():
     assert ctx.num_tokens == 3 * 2 * 2
 
 
+@pytest.mark.parametrize("frames", [1, 8])
+def test_extra_output_sizes_append_their_own_pooling(frames):
+    main, extra = [2, 2, 2], [[5, 1, 1], [1, 3, 3]]
+    vm = _wake(_model(frames=8, output_size=main, extra_output_sizes=extra))
+    ids, mask = _prompts(vm, QUESTIONS[:1])
+    feats = random_features(1, frames=frames, patches=25)
+    ctx = vm.encode_video(feats, input_ids=ids, attention_mask=mask)
+    method = vm.method
+    # Independently: pool at each size with the same S, add that size's own time table, project, concatenate.
+    inputs = vm.prepare_videos(feats)
+    cond = vm._conditioning(1, ids, mask, None, None)
+    cond.vision_views = vm._vision_views(inputs)
+    s = method.relevance(inputs.features, None, cond).view(1, frames, 5, 5)
+    v = inputs.features.view(1, frames, 5, 5, -1)
+    parts = []
+    for size, table in zip([main, *extra], [method.temporal, *method.extra_temporal]):
+        pooled = prompt_guided_pool(v, s, [1, 3, 3], [1, 3, 3], size)
+        parts.append((pooled + table.weight[: pooled.shape[1]][None, :, None, None]).flatten(1, 3))
+    expected = method.projector(torch.cat(parts, dim=1))
+    sizes = [[min(a, b) for a, b in zip(size, (frames, 5, 5))] for size in [main, *extra]]
+    assert ctx.num_tokens == sum(math.prod(size) for size in sizes)
+    torch.testing.assert_close(ctx.embeds, expected)
+
+
+def test_extra_output_sizes_are_checked_and_add_nothing_when_absent():
+    with pytest.raises(ValueError, match=r"extra_output_sizes\[1\]: expected 3 sizes"):
+        _model(extra_output_sizes=[[2, 1, 1], [2, 1]])
+    with pytest.raises(ValueError, match=r"extra_output_sizes\[0\]\[2\]: must be >= 1"):
+        _model(extra_output_sizes=[[2, 1, 0]])
+    # Adapters saved before the option existed hold no extra tables: their state dict is unchanged.
+    assert not any("extra_temporal" in key for key in _model().method.state_dict())
+    assert sum("extra_temporal" in key for key in _model(extra_output_sizes=[[2, 1, 1]]).method.state_dict()) == 1
+
+
 # ---- prompt guidance -----------------------------------------------------------------------------------------
 def test_a_different_question_gives_a_different_relevance_and_different_tokens():
     vm = _wake(_model())

@@ -58,6 +58,12 @@ class PPLLaVAOptions:
                           "and kernel = n - (out - 1)·stride, so windows overlap by n mod out (an axis shorter "
                           "than out keeps its n positions).", "min": 1, "max": 1024},
     )
+    extra_output_sizes: list[list[int]] = field(
+        default_factory=list,
+        metadata={"help": "More target sizes (T', H', W'), each pooled from the same S and appended after the main "
+                          "tokens with its own temporal embedding: the paper's combination of pooling sizes (Table "
+                          "5), e.g. one size that keeps the grid and one that keeps time.", "min": 1, "max": 1024},
+    )
     pool_mode: Literal["sum", "window_softmax"] = field(
         default="sum",
         metadata={"help": "sum: Σ S·V over each window (the paper; S scaled by N/|window|); window_softmax: weights "
@@ -100,6 +106,9 @@ class PPLLaVAOptions:
             value = getattr(self, name)
             if value is not None and len(value) != 3:
                 raise ValueError(f"options.{name}: expected 3 sizes (t, h, w), got {value!r}")
+        for i, size in enumerate(self.extra_output_sizes):
+            if len(size) != 3:
+                raise ValueError(f"options.extra_output_sizes[{i}]: expected 3 sizes (t, h, w), got {size!r}")
         if self.image_kernel[0] != 1 or (self.image_stride is not None and self.image_stride[0] != 1):
             raise ValueError(f"options.image_kernel: an image has one frame, so its t size must be 1, got "
                              f"{self.image_kernel!r}")
@@ -147,8 +156,13 @@ class PPLLaVAMethod(VideoMethod):
         opts = self.options
         dv, d = self.vision_width, llm.hidden_size
         self.temporal = nn.Embedding(config.num_frames, dv) if opts.temporal_embedding else None
-        if self.temporal is not None:
-            nn.init.normal_(self.temporal.weight, std=0.02)
+        # One table per extra pooling size: its k-th time step is another stretch of the video than the main one's.
+        self.extra_temporal = nn.ModuleList(
+            nn.Embedding(config.num_frames, dv) for _ in opts.extra_output_sizes if opts.temporal_embedding
+        )
+        for table in [self.temporal, *self.extra_temporal]:
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
         self.projector = nn.Sequential(nn.Linear(dv, d), nn.GELU(), nn.Linear(d, d))
         self.text_position_residual: nn.Parameter | None = None
         if opts.relevance == "prompt" and opts.extend_text_context:
@@ -282,16 +296,21 @@ class PPLLaVAMethod(VideoMethod):
         return torch.cat([extended[:keep], extended[keep:] + residual], dim=0)
 
     def _tokens(self, v: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """(n, T, H, W, Dv) features and relevance (n, T, H, W) → (n, T'·H'·W', D) tokens."""
+        """(n, T, H, W, Dv) features and relevance (n, T, H, W) → (n, Σ T'·H'·W', D) tokens: the main size's
+        tokens, then each extra size's."""
         opts = self.options
         image = v.shape[1] == 1
         kernel = opts.image_kernel if image else opts.kernel
         stride = (opts.image_stride if image else opts.stride) or kernel
-        out = prompt_guided_pool(v, scores, kernel, stride, opts.output_size, opts.pool_mode, opts.temperature)
-        if self.temporal is not None:
-            out = out + self.temporal.weight[: out.shape[1]].to(out.dtype)[None, :, None, None, :]
-        tokens = self.projector(out.to(self.projector[0].weight.dtype))
-        return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+        sizes = [opts.output_size, *opts.extra_output_sizes]
+        tables = [self.temporal, *self.extra_temporal] if self.temporal is not None else [None] * len(sizes)
+        parts = []
+        for size, table in zip(sizes, tables):
+            out = prompt_guided_pool(v, scores, kernel, stride, size, opts.pool_mode, opts.temperature)
+            if table is not None:
+                out = out + table.weight[: out.shape[1]].to(out.dtype)[None, :, None, None, :]
+            parts.append(out.reshape(out.shape[0], -1, out.shape[-1]))
+        return self.projector(torch.cat(parts, dim=1).to(self.projector[0].weight.dtype))
 
 
 def prompt_guided_pool(v: torch.Tensor, scores: torch.Tensor, kernel, stride, output_size=None,
