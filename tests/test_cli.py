@@ -95,8 +95,10 @@ def test_demo_settings_follow_the_video_length():
     assert (method_settings("llava").lr, method_settings("llava", 31).lr, method_settings("llava", 32).lr) == \
         (2e-3, 2e-3, 1e-3)
     assert method_options("ppllava", 8) == {"num_frames": 8, "options": {"output_size": [4, 1, 1]}}
-    assert method_options("ppllava", 64) == {"num_frames": 64, "options": {"output_size": [3, 2, 2]}}
+    assert method_options("ppllava", 64) == {"num_frames": 64, "options": {"output_size": [2, 2, 2],
+                                                                          "extra_output_sizes": [[6, 1, 1]]}}
     assert method_settings("ppllava", 32).lr == method_settings("ppllava", 8).lr
+    assert (method_settings("ppllava", 8).steps(1200), method_settings("ppllava", 32).steps(1200)) == (1200, 2400)
     steps = MethodSettings(lr=1.0, adapter={"rank": 4, "options": {"a": 1, "b": 1}},
                            from_frames={16: {"adapter": {"options": {"b": 2}}}, 8: {"lr": 0.5}})
     assert (steps.at(4).lr, steps.at(8).lr, steps.at(16).lr) == (1.0, 0.5, 0.5)
