@@ -11,6 +11,8 @@
    each window with a temperature softmax (0.01).
 3. A learned per-output-frame embedding, then a 2-layer MLP projector into the LLM; the pooled tokens are spliced
    at ``<video>``: T'·H'·W' tokens (18× fewer than llava at 32 frames of 24×24 patches with the defaults).
+   ``extra_output_sizes`` pools the same S to more sizes (the paper's combination of sizes), each with its own
+   per-step embedding, and appends their tokens.
 4. CLIP context extension: the text tower's position table is stretched asymmetrically (positions < 20 kept,
    the rest interpolated 4× finer: 77 → 248), plus a zero-initialised trainable residual on the interpolated
    positions. The residual is this adapter's parameter; the text tower runs frozen but with autograd on, so the
