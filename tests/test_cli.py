@@ -62,6 +62,7 @@ def test_demo_all_puts_every_registered_method_in_one_table(tmp_path, capsys):
     assert results["rows"]["video2lora"]["stage"] == "pretrain" and results["rows"]["video2lora"]["teacher"]
     # The student gets its step_factor times the budget; the others the budget.
     assert results["rows"]["video2lora"]["steps"] == 4 * 2 and results["rows"]["llava"]["steps"] == 2
+    assert results["rows"]["ppllava"]["steps"] == 2 * 2
     assert not {"text_encoder", "teacher"} & set(get_method(results["ask"]["method"]).needs)
 
 
@@ -98,7 +99,7 @@ def test_demo_settings_follow_the_video_length():
     assert method_options("ppllava", 64) == {"num_frames": 64, "options": {"output_size": [2, 2, 2],
                                                                           "extra_output_sizes": [[6, 1, 1]]}}
     assert method_settings("ppllava", 32).lr == method_settings("ppllava", 8).lr
-    assert (method_settings("ppllava", 8).steps(1200), method_settings("ppllava", 32).steps(1200)) == (1200, 2400)
+    assert (method_settings("ppllava", 8).steps(1200), method_settings("ppllava", 32).steps(1200)) == (2400, 2400)
     steps = MethodSettings(lr=1.0, adapter={"rank": 4, "options": {"a": 1, "b": 1}},
                            from_frames={16: {"adapter": {"options": {"b": 2}}}, 8: {"lr": 0.5}})
     assert (steps.at(4).lr, steps.at(8).lr, steps.at(16).lr) == (1.0, 0.5, 0.5)
