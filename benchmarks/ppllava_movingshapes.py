@@ -34,7 +34,7 @@ from video2param.bench import measure_costs
 from video2param.data import VideoQACollator, chance_accuracy, evaluate, make_splits, moving_shapes_tokenizer
 from video2param.data.front_end import COLOUR, PRESENCE
 from video2param.data.text_alignment import AlignerSettings, build_aligner, load_or_align
-from video2param.demo import build_small_llm, demo_data, demo_data_config, method_settings
+from video2param.demo import build_small_llm, demo_data, demo_data_config, method_options, method_settings
 from video2param.train import TrainConfig, train
 from video2param.video.dual_encoder import DualEncoder
 
@@ -112,6 +112,14 @@ def order_accuracy_by_gap(vm, feats: list, raws: list, per_bucket: int | None = 
     return report
 
 
+def pooling_layout(output_size: list[int] | None, frames: int) -> dict[str, Any]:
+    """PPLLaVA's pooling sizes: ``output_size`` alone when given, else the demo's layout at ``frames``."""
+    if output_size is not None:
+        return {"output_size": list(output_size)}
+    demo = method_options("ppllava", frames).get("options", {})
+    return {key: demo[key] for key in ("output_size", "extra_output_sizes") if key in demo}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -119,8 +127,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output-size", type=int, nargs=3, default=[4, 1, 1],
-                        help="PPLLaVA's pooled (T', H', W') (default 4 1 1: 32x fewer tokens than llava at 8 frames)")
+    parser.add_argument("--output-size", type=int, nargs=3, default=None,
+                        help="PPLLaVA's pooled (T', H', W'), alone (plus what --options adds); default: the demo's "
+                             "layout for --frames (3 1 1 at 8 frames; 2 2 2 and 6 1 1 from 32)")
     parser.add_argument("--options", type=json.loads, default={},
                         help="PPLLaVA options (JSON) added to every ppllava variant's, e.g. '{\"temperature\": 0.1}'")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of every variant")
@@ -166,8 +175,8 @@ def main() -> None:
         options = dict(spec["options"])
         helpers: dict[str, Any] = {}
         if spec["method"] == "ppllava":
+            options.update(pooling_layout(args.output_size, args.frames))
             options.update(args.options)
-            options["output_size"] = list(args.output_size)
             helpers["text_encoder"] = random_dual if spec.get("random_text") else dual
         torch.manual_seed(args.seed)
         config = VideoAdapterConfig(method=spec["method"], vision_hidden_size=width, num_frames=args.frames,

@@ -49,3 +49,15 @@ def test_appearance_gap_reads_when_the_second_object_arrives():
     video[7:10, 2, :4] = torch.tensor([1.0, 0.1, 0.1, 0.9])  # a blue one from frame 7, after red has gone
     assert script.appearance_gap(video) == 6
     assert [name for top, name in script.GAP_BUCKETS if 6 <= top][0] == "5-8"
+
+
+def test_ppllava_script_pools_as_the_demo_unless_told_otherwise():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppllava_movingshapes", BENCHMARKS / "ppllava_movingshapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.pooling_layout(None, 8) == {"output_size": [3, 1, 1]}
+    assert script.pooling_layout(None, 32) == {"output_size": [2, 2, 2], "extra_output_sizes": [[6, 1, 1]]}
+    assert script.pooling_layout([3, 2, 2], 32) == {"output_size": [3, 2, 2]}  # a size given is the whole layout
+

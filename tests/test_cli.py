@@ -95,7 +95,7 @@ def test_demo_settings_follow_the_video_length():
 
     assert (method_settings("llava").lr, method_settings("llava", 31).lr, method_settings("llava", 32).lr) == \
         (2e-3, 2e-3, 1e-3)
-    assert method_options("ppllava", 8) == {"num_frames": 8, "options": {"output_size": [4, 1, 1]}}
+    assert method_options("ppllava", 8) == {"num_frames": 8, "options": {"output_size": [3, 1, 1]}}
     assert method_options("ppllava", 64) == {"num_frames": 64, "options": {"output_size": [2, 2, 2],
                                                                           "extra_output_sizes": [[6, 1, 1]]}}
     assert method_settings("ppllava", 32).lr == method_settings("ppllava", 8).lr

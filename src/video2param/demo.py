@@ -171,16 +171,17 @@ METHOD_SETTINGS: dict[str, MethodSettings] = {
     ),
     "ppllava": MethodSettings(
         lr=1e-3,
-        adapter={"options": {"output_size": [4, 1, 1]}},
+        adapter={"options": {"output_size": [3, 1, 1]}},
         step_factor=2,
         from_frames={32: {"adapter": {"options": {"output_size": [2, 2, 2], "extra_output_sizes": [[6, 1, 1]]}}}},
-        why="4 tokens (T/2 x 1 x 1, 8x fewer than llava): at 8 frames what the default (2, 3, 3) windows give on "
-            "the 2 x 2 grid; its text tower is the demo's aligned dual encoder (video2param.data.text_alignment). "
-            "lr 1e-3: direction 99 / 51 / 100 over three seeds, against 82 / 25 / 90 at llava's 2e-3. From 32 "
-            "frames two pooling sizes (the paper's combination): 2 x 2 x 2 keeps the grid, 6 x 1 x 1 keeps time, 14 "
-            "tokens (9.1x fewer than llava's 128); 3 x 2 x 2 alone lost order at small appearance gaps (90.7). "
-            "2400 steps (its step costs a quarter to a half of llava's): direction over seeds 0-2 went from 99 / 51 / "
-            "100 to 100 / 100 / 100 at 8 frames and from 97 / 92 / 90 to 100 / 99 / 95 at 32 (docs/results.md)",
+        why="its text tower is the demo's aligned dual encoder (video2param.data.text_alignment); lr 1e-3 "
+            "(direction 99 / 51 / 100 over three seeds at 4 x 1 x 1, against 82 / 25 / 90 at llava's 2e-3). 2400 "
+            "steps (its step costs a quarter to a half of llava's): at 1200 one seed of three missed direction at "
+            "either length. At 8 frames 3 x 1 x 1, 3 tokens (10.7x fewer than llava's 32): direction 100 / 98 / 100 "
+            "and every other type 100 over seeds 0-2 (4 x 1 x 1: 100 everywhere). From 32 frames two pooling sizes "
+            "(the paper's combination): 2 x 2 x 2 keeps the grid, 6 x 1 x 1 keeps time, 14 tokens (9.1x fewer than "
+            "llava's 128): direction 100 / 99 / 95, order 97 on each seed; 3 x 2 x 2 alone lost order at small "
+            "appearance gaps (89-94 at 1200 and 2400 steps) (docs/results.md)",
     ),
     "video2lora": MethodSettings(
         lr=1e-3,
