@@ -15,7 +15,7 @@ TTFT as ratios to llava.
 
 Usage::
 
-    python benchmarks/ppllava_movingshapes.py --steps 1000 --threads 2 --output runs/ppllava
+    python benchmarks/ppllava_movingshapes.py --steps 2400 --threads 2 --output runs/ppllava
 """
 
 from __future__ import annotations
