@@ -32,7 +32,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pooled_delta_test": {"rank": 2, "inject_every": 2},
     "video2lora": {"rank": 2, "inject_every": 2, "options": {"latent_dim": 16, "num_latents": 4, "depth": 2,
                    "num_heads": 2, "head_dim": 8, "kv_heads": 1, "ffn_mult": 2, "input_mult": 2, "head_hidden": 32}},
-    "ppllava": {"options": {"kernel": [2, 2, 2], "text_keep_positions": 2}},
+    "ppllava": {"options": {"kernel": [2, 2, 2], "text_keep_positions": 2, "extra_output_sizes": [[4, 1, 1]]}},
     "linvt": {"options": {"hidden_dim": 16, "num_heads": 2, "scorer_layers": 1, "top_k": 10, "scale_queries": [4, 2], "scale_windows": [1, 2]}},
 }
 METHODS = available_methods()
