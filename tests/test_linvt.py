@@ -101,9 +101,9 @@ def test_a_video_of_one_repeated_vector_gives_that_vector_everywhere():
 
 
 # ---- gradients -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mix", [1.0, 0.0])
-def test_the_scorer_and_every_query_receive_gradients(mix):
-    vm = build()
+@pytest.mark.parametrize("mix, reads_question", [(1.0, False), (0.0, False), (1.0, True)])
+def test_the_scorer_and_every_query_receive_gradients(mix, reads_question):
+    vm = build(scorer_reads_question=reads_question)
     with torch.no_grad():
         vm.method.attention_mix.fill_(mix)
     ids, mask, labels = questions(vm, 2, answers=["red", "left"])
@@ -289,8 +289,9 @@ def test_one_video_for_several_questions_is_that_video_for_each():
         torch.testing.assert_close(both.embeds[i], one.embeds[0], rtol=1e-5, atol=1e-6)
 
 
-def test_the_context_reads_the_question_and_never_the_answer():
-    vm = build()
+@pytest.mark.parametrize("reads_question", [False, True])
+def test_the_context_reads_the_question_and_never_the_answer(reads_question):
+    vm = build(scorer_reads_question=reads_question)
     feats = random_features(2, frames=4)
     contexts = []
     for answers in (["red", "left"], ["green", "up"]):
@@ -300,6 +301,23 @@ def test_the_context_reads_the_question_and_never_the_answer():
     ids, mask, _ = questions(vm, 2)
     swapped = vm.encode_video(feats, input_ids=ids.flip(0), attention_mask=mask.flip(0)).embeds
     assert not torch.allclose(swapped, contexts[0])  # another question, another context
+
+
+def test_only_a_scorer_that_reads_the_question_scores_by_it():
+    feats = random_features(1, frames=4)
+    for reads_question in (False, True):
+        vm = build(scorer_reads_question=reads_question)
+        scores = [tokenize(vm, feats, n_questions=1).scores]
+        ids, mask, _ = questions(vm, 2)
+        cond = vm._conditioning(1, ids[1:], mask[1:], None, None)
+        scores.append(vm.method.tokenize(feats, None, cond).scores)
+        assert torch.equal(scores[0], scores[1]) is not reads_question
+    # Without question tokens the scorer's question read adds nothing (it is not fed a padding position).
+    vm = build(scorer_reads_question=True)
+    unasked = vm.method.tokenize(feats, None, None).scores
+    for layer in vm.method.scorer.layers:
+        layer.text = None
+    torch.testing.assert_close(unasked, vm.method.tokenize(feats, None, None).scores, rtol=0, atol=0)
 
 
 # ---- starting from a saved llava adapter ---------------------------------------------------------------------

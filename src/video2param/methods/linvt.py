@@ -90,6 +90,11 @@ class LinvtOptions:
                           "shared by all queries, cannot then merge them into one vector during training (demo "
                           "direction, three seeds: 88.0 without, 92.0 with; docs/results.md). Adapters saved before "
                           "this option existed load with it off.", "saved_before": False})
+    scorer_reads_question: bool = field(
+        default=False,
+        metadata={"help": "Each SVR layer also cross-attends from every frame token to the question's LLM embeddings "
+                          "(question only), so the significance scores, and with them the pooling and ordered "
+                          "selection weights, can follow what is asked (the paper's SVR reads the video alone)."})
     ffn_mult: int = field(default=4, metadata={"help": "FFN width as a multiple of hidden_dim.", "min": 1, "max": 64})
     dropout: float = field(default=0.0, metadata={"help": "Attention dropout in the scorer and TTA.", "min": 0.0,
                                                   "lt": 1.0})
@@ -124,6 +129,16 @@ class LinvtOptions:
 
 
 # ---- SVR: significance scoring ---------------------------------------------------------------------------------
+@dataclass
+class QuestionEmbeds:
+    """The question's LLM token embeddings (B, L, D), layer-normed, and their mask (B, L). A row without question
+    tokens attends to one placeholder position, and ``present`` (B,) is False there so that what it reads is zeroed."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    present: torch.Tensor
+
+
 class ScorerLayer(nn.Module):
     """Self-attention within each frame, then across frames over per-frame summaries, then an FFN.
 
@@ -133,44 +148,52 @@ class ScorerLayer(nn.Module):
     that frame's outputs and leaves every other frame's outputs unchanged.
     """
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float, text_dim: int | None = None) -> None:
         super().__init__()
         self.norm_spatial = nn.LayerNorm(dim)
         self.spatial = Attention(dim, heads, dropout)
         self.norm_temporal = nn.LayerNorm(dim)
         self.temporal = Attention(dim, heads, dropout)
         self.frame_to_tokens = nn.Linear(dim, dim)
+        self.norm_text = nn.LayerNorm(dim) if text_dim is not None else None
+        self.text = Attention(dim, heads, dropout, context_dim=text_dim) if text_dim is not None else None
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
 
-    def forward(self, x: torch.Tensor, frame_real: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_real: torch.Tensor, time: torch.Tensor,
+                question: "QuestionEmbeds | None" = None) -> torch.Tensor:
         b, t, p, d = x.shape
         flat = self.norm_spatial(x).reshape(b * t, p, d)
         x = x + self.spatial(flat, flat).view(b, t, p, d)
         summary = self.norm_temporal(x.mean(dim=2)) + time  # (B, T, h)
         frames = self.temporal(summary, summary, frame_real)
         x = x + self.frame_to_tokens(frames)[:, :, None, :]
+        if self.text is not None and question is not None:
+            read = self.text(self.norm_text(x).reshape(b, t * p, d), question.embeds, question.mask)
+            x = x + (read * question.present[:, None, None].to(read.dtype)).view(b, t, p, d)
         return x + self.ffn(self.norm_ffn(x))
 
 
 class SignificanceScorer(nn.Module):
     """SVR's spatio-temporal significance scores: frame tokens (B, T, P, D) → one score per token (B, T, P)."""
 
-    def __init__(self, in_dim: int, dim: int, heads: int, layers: int, ffn_mult: int, dropout: float) -> None:
+    def __init__(self, in_dim: int, dim: int, heads: int, layers: int, ffn_mult: int, dropout: float,
+                 text_dim: int | None = None) -> None:
         super().__init__()
         self.input_proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
-        self.layers = nn.ModuleList(ScorerLayer(dim, heads, ffn_mult, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(ScorerLayer(dim, heads, ffn_mult, dropout, text_dim) for _ in range(layers))
         self.norm_out = nn.LayerNorm(dim, bias=False)
         # No biases here: every use of the scores (softmax weights) ignores a shift shared by all tokens. Small first
         # scores: the aggregation starts close to content attention and the pooling close to a mean.
         self.head = nn.Linear(dim, 1, bias=False)
         nn.init.normal_(self.head.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, frame_real: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, frame_real: torch.Tensor,
+                question: "QuestionEmbeds | None" = None) -> torch.Tensor:
         x = self.input_proj(tokens)
         time = sinusoid(torch.arange(x.shape[1], device=x.device), x.shape[-1]).to(x.dtype)[None]
         for layer in self.layers:
-            x = layer(x, frame_real, time)
+            x = layer(x, frame_real, time, question)
         return self.head(self.norm_out(x)).squeeze(-1)
 
 
@@ -386,7 +409,8 @@ class LinvtMethod(VideoMethod):
         self.frame_tokenizer = LlavaMethod(self._frame_tokenizer_config(), llm)
         if opt.freeze_projector:
             hold_as_buffers(self.frame_tokenizer.projector)
-        self.scorer = SignificanceScorer(d, h, opt.num_heads, opt.scorer_layers, opt.ffn_mult, opt.dropout)
+        self.scorer = SignificanceScorer(d, h, opt.num_heads, opt.scorer_layers, opt.ffn_mult, opt.dropout,
+                                         text_dim=d if opt.scorer_reads_question else None)
         self.token_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h))
         self.text_norm = nn.LayerNorm(d)
         self.aggregators = nn.ModuleList(
@@ -431,15 +455,14 @@ class LinvtMethod(VideoMethod):
         if not bool(frame_real.any(dim=1).all()):
             raise ValueError("frame_mask: every video needs at least one real frame")
         token_real = frame_real[:, :, None].expand(b, t, p)
-        scores = self.scorer(frame_tokens.view(b, t, p, -1), frame_real)
+        has_text = text_mask.any(dim=1)
+        placeholder = torch.zeros_like(text_mask)
+        placeholder[:, 0] = ~has_text
+        question = QuestionEmbeds(self.text_norm(text), text_mask | placeholder, has_text)
+        scores = self.scorer(frame_tokens.view(b, t, p, -1), frame_real, question)
         selected = select_top_k(scores.reshape(b, t * p), token_real.reshape(b, t * p), self.options.top_k)
         selected = selected.view(b, t, p)
 
-        has_text = text_mask.any(dim=1)
-        # A row without question tokens attends to one placeholder position, and its text read is zeroed.
-        text_mask = text_mask.clone()
-        text_mask[:, 0] |= ~has_text
-        text = self.text_norm(text)
         outputs, scales, weights = [], [], []
         mix = self.mix
         for s, (window, aggregator) in enumerate(zip(self.options.scale_windows, self.aggregators)):
@@ -447,7 +470,7 @@ class LinvtMethod(VideoMethod):
             pooled = scale.gather(frame_tokens)  # (B, M, D)
             time = sinusoid(scale.time, self.options.hidden_dim).to(pooled.dtype)
             visual = self.token_proj(pooled) + time
-            agg = aggregator(visual, scale, text, text_mask, has_text, mix[s])
+            agg = aggregator(visual, scale, question.embeds, question.mask, question.present, mix[s])
             outputs.append(agg.to(pooled.dtype) @ pooled)
             scales.append(scale)
             weights.append(agg)
