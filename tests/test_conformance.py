@@ -33,7 +33,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "video2lora": {"rank": 2, "inject_every": 2, "options": {"latent_dim": 16, "num_latents": 4, "depth": 2,
                    "num_heads": 2, "head_dim": 8, "kv_heads": 1, "ffn_mult": 2, "input_mult": 2, "head_hidden": 32}},
     "ppllava": {"options": {"kernel": [2, 2, 2], "text_keep_positions": 2, "extra_output_sizes": [[4, 1, 1]]}},
-    "linvt": {"options": {"hidden_dim": 16, "num_heads": 2, "scorer_layers": 1, "top_k": 10, "scale_queries": [4, 2], "scale_windows": [1, 2]}},
+    "linvt": {"options": {"hidden_dim": 16, "num_heads": 2, "scorer_layers": 1, "top_k": 10, "scale_queries": [4, 2],
+                          "scale_windows": [1, 2], "scorer_reads_question": True}},
 }
 METHODS = available_methods()
 PROMPTS = ["<video> what colour is the object ?", "<video> which way does it move ?", "<video> what shape ?"]
