@@ -100,6 +100,9 @@ def test_demo_settings_follow_the_video_length():
                                                                           "extra_output_sizes": [[6, 1, 1]]}}
     assert method_settings("ppllava", 32).lr == method_settings("ppllava", 8).lr
     assert (method_settings("ppllava", 8).steps(1200), method_settings("ppllava", 32).steps(1200)) == (2400, 2400)
+    assert "scorer_reads_question" not in method_options("linvt", 8)["options"]
+    assert method_options("linvt", 32)["options"]["scorer_reads_question"] is True
+    assert (method_settings("linvt", 8).steps(1200), method_settings("linvt", 32).steps(1200)) == (1200, 2400)
     steps = MethodSettings(lr=1.0, adapter={"rank": 4, "options": {"a": 1, "b": 1}},
                            from_frames={16: {"adapter": {"options": {"b": 2}}}, 8: {"lr": 0.5}})
     assert (steps.at(4).lr, steps.at(8).lr, steps.at(16).lr) == (1.0, 0.5, 0.5)
