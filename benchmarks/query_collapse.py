@@ -53,9 +53,7 @@ def linvt_report(vm, items, collate) -> str:
         cond = vm._conditioning(len(items), batch["input_ids"], batch["attention_mask"], None, None)
         out = vm.method.tokenize(batch["videos"], None, cond)
         lines = []
-        text = vm.method.text_norm(cond.prompt.embeds)
-        text_mask = cond.prompt.mask.bool()
-        has_text = text_mask.any(dim=1)
+        question = vm.method.question_embeds(cond.prompt.embeds, cond.prompt.mask.bool())
         for s, (scale, agg, aggregator) in enumerate(zip(out.scales, out.aggregation, vm.method.aggregators)):
             alpha = vm.method.mix[s]
             prior = ordered_selection(scale.mask, scale.score, agg.shape[1])
@@ -63,7 +61,7 @@ def linvt_report(vm, items, collate) -> str:
             spread = (attention - attention.mean(1, keepdim=True)).abs().sum(-1).mean().item()
             pooled = scale.gather(out.frame_tokens)
             visual = vm.method.token_proj(pooled) + sinusoid(scale.time, vm.method.options.hidden_dim).to(pooled.dtype)
-            q = aggregator.transformed_queries(visual, scale, text, text_mask, has_text)
+            q = aggregator.transformed_queries(visual, scale, question)
             cosine = F.cosine_similarity(q, q.mean(1, keepdim=True), dim=-1).mean().item()
             lines.append(f"linvt scale {s}: alpha {alpha.item():.2f}; attention-row distance from the mean row "
                          f"{spread:.4f}; query cosine to the mean query {cosine:.4f}")

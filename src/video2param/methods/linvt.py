@@ -140,6 +140,19 @@ class QuestionEmbeds:
     mask: torch.Tensor
     present: torch.Tensor
 
+    @classmethod
+    def build(cls, embeds: torch.Tensor, mask: torch.Tensor) -> "QuestionEmbeds":
+        """From already-normed embeddings (B, L, D) and their bool mask (B, L)."""
+        present = mask.any(dim=1)
+        placeholder = torch.zeros_like(mask)
+        placeholder[:, 0] = ~present
+        return cls(embeds, mask | placeholder, present)
+
+    def read(self, attention: nn.Module, queries: torch.Tensor) -> torch.Tensor:
+        """``attention(queries, question)``, zeroed on rows without question tokens."""
+        out = attention(queries, self.embeds, self.mask)
+        return out * self.present[:, None, None].to(out.dtype)
+
 
 class ScorerLayer(nn.Module):
     """Self-attention within each frame, then across frames over per-frame summaries, then an FFN.
@@ -171,8 +184,7 @@ class ScorerLayer(nn.Module):
         frames = self.temporal(summary, summary, frame_real)
         x = x + self.frame_to_tokens(frames)[:, :, None, :]
         if self.text is not None and question is not None:
-            read = self.text(self.norm_text(x).reshape(b, t * p, d), question.embeds, question.mask)
-            x = x + (read * question.present[:, None, None].to(read.dtype)).view(b, t, p, d)
+            x = x + question.read(self.text, self.norm_text(x).reshape(b, t * p, d)).view(b, t, p, d)
         return x + self.ffn(self.norm_ffn(x))
 
 
@@ -286,15 +298,14 @@ class TextConditionedQueryBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
 
-    def forward(self, queries: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor, has_text: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor,
+                question: QuestionEmbeds, identity: torch.Tensor | None = None) -> torch.Tensor:
         """``identity``: (slots, dim) added to every attention's query side (and the self-attention's keys)."""
         h = _with_identity(self.norm_self(queries), identity)
         queries = queries + self.self_attn(h, h)
         queries = queries + self.visual_attn(_with_identity(self.norm_visual_query(queries), identity),
                                              self.norm_visual(visual), visual_mask)
-        read = self.text_attn(_with_identity(self.norm_text_query(queries), identity), text, text_mask)
-        queries = queries + read * has_text[:, None, None].to(read.dtype)
+        queries = queries + question.read(self.text_attn, _with_identity(self.norm_text_query(queries), identity))
         return queries + self.ffn(self.norm_ffn(queries))
 
 
@@ -336,12 +347,11 @@ class ScaleAggregator(nn.Module):
         self.to_query = nn.Linear(dim, dim)
         self.to_key = nn.Linear(dim, dim, bias=False)
 
-    def transformed_queries(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor,
-                            text_mask: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
+    def transformed_queries(self, visual: torch.Tensor, scale: ScaleTokens, question: QuestionEmbeds) -> torch.Tensor:
         """The queries (B, slots, dim) after the TTA blocks, before the final aggregation."""
         q = self.queries[None].expand(visual.shape[0], -1, -1).to(visual.dtype)
         for block in self.blocks:
-            q = block(q, visual, scale.mask, text, text_mask, has_text, self._identity)
+            q = block(q, visual, scale.mask, question, self._identity)
         return q
 
     @property
@@ -349,10 +359,10 @@ class ScaleAggregator(nn.Module):
         """The queries' own embeddings, re-added at every attention (``query_every_block``), or None."""
         return self.queries if self.query_every_block else None
 
-    def forward(self, visual: torch.Tensor, scale: ScaleTokens, text: torch.Tensor, text_mask: torch.Tensor,
-                has_text: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    def forward(self, visual: torch.Tensor, scale: ScaleTokens, question: QuestionEmbeds,
+                mix: torch.Tensor) -> torch.Tensor:
         """Aggregation weights W (B, slots, M) over the scale's tokens; rows sum to one."""
-        q = self.transformed_queries(visual, scale, text, text_mask, has_text)
+        q = self.transformed_queries(visual, scale, question)
         keys = self.to_key(self.norm_keys(visual))
         query = self.to_query(_with_identity(self.norm_out(q), self._identity))
         logits = query @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])
@@ -457,10 +467,7 @@ class LinvtMethod(VideoMethod):
         if not bool(frame_real.any(dim=1).all()):
             raise ValueError("frame_mask: every video needs at least one real frame")
         token_real = frame_real[:, :, None].expand(b, t, p)
-        has_text = text_mask.any(dim=1)
-        placeholder = torch.zeros_like(text_mask)
-        placeholder[:, 0] = ~has_text
-        question = QuestionEmbeds(self.text_norm(text), text_mask | placeholder, has_text)
+        question = self.question_embeds(text, text_mask)
         scores = self.scorer(frame_tokens.view(b, t, p, -1), frame_real, question)
         selected = select_top_k(scores.reshape(b, t * p), token_real.reshape(b, t * p), self.options.top_k)
         selected = selected.view(b, t, p)
@@ -472,12 +479,16 @@ class LinvtMethod(VideoMethod):
             pooled = scale.gather(frame_tokens)  # (B, M, D)
             time = sinusoid(scale.time, self.options.hidden_dim).to(pooled.dtype)
             visual = self.token_proj(pooled) + time
-            agg = aggregator(visual, scale, question.embeds, question.mask, question.present, mix[s])
+            agg = aggregator(visual, scale, question, mix[s])
             outputs.append(agg.to(pooled.dtype) @ pooled)
             scales.append(scale)
             weights.append(agg)
         return LinvtOutput(torch.cat(outputs, dim=1), frame_tokens, token_real.reshape(b, t * p), scores,
                            selected, scales, weights)
+
+    def question_embeds(self, text: torch.Tensor, text_mask: torch.Tensor) -> QuestionEmbeds:
+        """The question's LLM embeddings (B, L, D) and bool mask (B, L) as the scorer and TTA read them."""
+        return QuestionEmbeds.build(self.text_norm(text), text_mask)
 
     def _inputs(self, features: torch.Tensor, frame_mask: torch.Tensor | None, cond: Conditioning | None):
         """Features and frame mask, expanded to the question batch when one video serves several questions, and
